@@ -1,0 +1,65 @@
+"""The state of one request as it moves through the engine."""
+
+from __future__ import annotations
+
+import enum
+
+import torch
+
+from engine.sampling_params import SamplingParams
+from engine.stopping import IncrementalDetokenizer
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class Sequence:
+    def __init__(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        generator: torch.Generator | None,
+        detokenizer: IncrementalDetokenizer | None,
+    ) -> None:
+        self.request_id = request_id
+        self.params = params
+        self.prompt_token_ids = list(prompt_token_ids)
+        self.token_ids = list(prompt_token_ids)  # prompt, then generated tokens
+        self.num_prompt_tokens = len(prompt_token_ids)
+        self.status = SequenceStatus.WAITING
+        # Tokens whose K/V are in the cache; the rest are computed by coming steps.
+        self.num_computed_tokens = 0
+        self.block_table: list[int] = []
+        # Prefix-cache hash of each full block of token_ids, filled in as blocks fill up.
+        self.block_hashes: list[bytes] = []
+        self.num_registered_blocks = 0  # leading blocks already offered to the prefix cache
+        self.cached_tokens: int | None = None  # prompt tokens served by the cache at admission
+        self.generator = generator  # per-request RNG when a seed is given
+        self.detokenizer = detokenizer  # only for requests with stop strings
+        self.stop_string_text: str | None = None  # the output text when a stop string hit
+        self.finish_reason: str | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        return len(self.token_ids) - self.num_computed_tokens
+
+    @property
+    def is_decoding(self) -> bool:
+        """Everything but the last sampled token is cached: one new token per step."""
+        return self.num_uncomputed_tokens == 1 and self.num_output_tokens > 0
