@@ -1,0 +1,108 @@
+"""Every object key the jobs layer uses, built only from a validated job id and fixed names.
+
+A job id is a uuid4 in lowercase hex, so nothing a user types can add a `/` or `..` to a
+key; the stores refuse such keys as a second line of defence.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from datetime import date
+
+from jobs.errors import UserError
+
+JOBS_PREFIX = "jobs/"
+USAGE_PREFIX = "usage/"
+# Five digits keep part files in shard order when listed; the planner refuses more shards.
+SHARD_DIGITS = 5
+MAX_SHARDS = 10**SHARD_DIGITS
+
+_JOB_ID = re.compile(r"[0-9a-f]{32}")
+_SHARD_SUFFIX = re.compile(rf"-(\d{{{SHARD_DIGITS}}})\.(?:parquet|json)$")
+
+
+def new_job_id() -> str:
+    """A fresh random job id (never derived from user input)."""
+    return uuid.uuid4().hex
+
+
+def validate_job_id(job_id: str) -> str:
+    """Return job_id if it is a uuid4 in lowercase hex, else raise UserError."""
+    if not isinstance(job_id, str) or not _JOB_ID.fullmatch(job_id):
+        raise UserError(f"invalid job id {job_id!r}: expected 32 lowercase hex digits")
+    if uuid.UUID(hex=job_id).version != 4:
+        raise UserError(f"invalid job id {job_id!r}: not a uuid4")
+    return job_id
+
+
+def _shard(index: int) -> str:
+    if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < MAX_SHARDS:
+        raise ValueError(f"shard index must be an integer in [0, {MAX_SHARDS}), got {index!r}")
+    return f"{index:0{SHARD_DIGITS}d}"
+
+
+def job_prefix(job_id: str) -> str:
+    return f"{JOBS_PREFIX}{validate_job_id(job_id)}/"
+
+
+def spec_key(job_id: str) -> str:
+    return job_prefix(job_id) + "spec.json"
+
+
+def input_key(job_id: str) -> str:
+    return job_prefix(job_id) + "input.parquet"
+
+
+def manifest_key(job_id: str) -> str:
+    return job_prefix(job_id) + "manifest.json"
+
+
+def results_prefix(job_id: str) -> str:
+    return job_prefix(job_id) + "results/"
+
+
+def result_key(job_id: str, shard: int) -> str:
+    return f"{results_prefix(job_id)}part-{_shard(shard)}.parquet"
+
+
+def errors_prefix(job_id: str) -> str:
+    return job_prefix(job_id) + "errors/"
+
+
+def error_key(job_id: str, shard: int) -> str:
+    return f"{errors_prefix(job_id)}part-{_shard(shard)}.parquet"
+
+
+def progress_prefix(job_id: str) -> str:
+    return job_prefix(job_id) + "progress/"
+
+
+def progress_key(job_id: str, shard: int) -> str:
+    return f"{progress_prefix(job_id)}shard-{_shard(shard)}.json"
+
+
+def failures_prefix(job_id: str) -> str:
+    return job_prefix(job_id) + "failures/"
+
+
+def failure_key(job_id: str, shard: int) -> str:
+    """Where a shard that could not run at all (say, its model would not load) says why."""
+    return f"{failures_prefix(job_id)}shard-{_shard(shard)}.json"
+
+
+def usage_prefix(day: date, job_id: str) -> str:
+    """The prefix of one job's usage records for one day."""
+    return f"{USAGE_PREFIX}date={day.isoformat()}/{validate_job_id(job_id)}-"
+
+
+def usage_key(day: date, job_id: str, shard: int) -> str:
+    return f"{usage_prefix(day, job_id)}{_shard(shard)}.parquet"
+
+
+def shard_of_key(key: str) -> int:
+    """The shard index in a part, progress or usage key (the inverse of the builders above)."""
+    match = _SHARD_SUFFIX.search(key)
+    if match is None:
+        raise ValueError(f"not a per-shard key: {key!r}")
+    return int(match.group(1))

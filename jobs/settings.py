@@ -1,0 +1,53 @@
+"""Configuration from the environment (12-factor), with embedded defaults that need no server.
+
+Every setting is read when asked for, not at import, so a process can change its
+environment (the demo, tests) before using it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+EMBEDDED_HOME = Path(".batchinfer")
+
+
+def home() -> Path:
+    """Where the embedded broker and store live: `.batchinfer/` in the working directory."""
+    return Path(os.environ.get("BATCHINFER_HOME") or EMBEDDED_HOME).resolve()
+
+
+def store_url() -> str:
+    """The object store: `s3://bucket/prefix` or `file:///path` (default: `file://./.batchinfer`)."""
+    url = os.environ.get("BATCHINFER_STORE_URL") or f"file://{home()}"
+    return absolute_store_url(url)
+
+
+def absolute_store_url(url: str) -> str:
+    """Workers run in other directories: a relative `file://./x` must travel as an absolute path."""
+    if url.startswith("file://"):
+        return f"file://{Path(url.removeprefix('file://')).resolve()}"
+    return url
+
+
+def broker_url() -> str:
+    """The Celery broker (default: the embedded filesystem broker under `.batchinfer/broker`)."""
+    return os.environ.get("BATCHINFER_BROKER_URL") or "filesystem://"
+
+
+def gpu_hourly_usd() -> float:
+    """The worker's hourly price, for cost records (default 0)."""
+    raw = os.environ.get("BATCHINFER_GPU_HOURLY_USD", "0")
+    try:
+        return float(raw)
+    except ValueError:
+        raise ValueError(f"BATCHINFER_GPU_HOURLY_USD must be a number, got {raw!r}") from None
+
+
+_URL_PASSWORD = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^:/@]*):(?P<password>[^@/]*)@", re.I)
+
+
+def mask_secrets(text: str) -> str:
+    """Hide passwords inside URLs (redis://:secret@host) before anything is printed or stored."""
+    return _URL_PASSWORD.sub(lambda m: f"{m['scheme']}{m['user']}:***@", text)

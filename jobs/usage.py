@@ -1,0 +1,140 @@
+"""Usage records: one per shard, in usage/date=YYYY-MM-DD/<job_id>-NNNNN.parquet.
+
+Conventions used here and in the manifest's usage totals:
+- tokens = prompt_tokens + completion_tokens (cached prompt tokens are part of prompt_tokens);
+- busy_seconds: the wall time the shard held the engine;
+- tokens_per_second = tokens / busy_seconds;
+- cost_usd = busy_seconds / 3600 x the worker's hourly price (BATCHINFER_GPU_HOURLY_USD);
+- cost_per_million_tokens = cost_usd / tokens x 1e6;
+- mean_batch_fill = scheduled tokens / (engine steps x token budget) while the shard ran.
+The date is the UTC day the shard finished.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from datetime import date, datetime, timedelta
+from typing import Any
+
+import pyarrow as pa
+
+from jobs import keys
+from jobs.store import Store
+from jobs.tables import put_table, read_table
+
+USAGE_SCHEMA = pa.schema([
+    ("job_id", pa.string()),
+    ("shard", pa.int64()),
+    ("model", pa.string()),
+    ("quantization", pa.string()),
+    ("worker", pa.string()),
+    ("device", pa.string()),
+    ("rows", pa.int64()),
+    ("prompt_tokens", pa.int64()),
+    ("completion_tokens", pa.int64()),
+    ("cached_tokens", pa.int64()),
+    ("started_at", pa.timestamp("us", tz="UTC")),
+    ("finished_at", pa.timestamp("us", tz="UTC")),
+    ("busy_seconds", pa.float64()),
+    ("tokens_per_second", pa.float64()),
+    ("mean_batch_fill", pa.float64()),
+    ("cost_usd", pa.float64()),
+    ("cost_per_million_tokens", pa.float64()),
+])
+
+
+@dataclass(frozen=True)
+class UsageRecord:
+    job_id: str
+    shard: int
+    model: str
+    quantization: str | None
+    worker: str
+    device: str
+    rows: int
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+    started_at: datetime
+    finished_at: datetime
+    busy_seconds: float
+    tokens_per_second: float
+    mean_batch_fill: float
+    cost_usd: float
+    cost_per_million_tokens: float
+
+
+def batch_fill(stats_before: dict[str, Any], stats_after: dict[str, Any]) -> float:
+    """Mean batch fill between two llm.stats() snapshots: scheduled / (steps x budget)."""
+    steps = stats_after["steps"] - stats_before["steps"]
+    scheduled = stats_after["scheduled_tokens"] - stats_before["scheduled_tokens"]
+    budget = stats_after["token_budget"]
+    return scheduled / (steps * budget) if steps > 0 and budget > 0 else 0.0
+
+
+def make_usage_record(*, job_id: str, shard: int, model: str, quantization: str | None,
+                      worker: str, device: str, rows: int, prompt_tokens: int,
+                      completion_tokens: int, cached_tokens: int, started_at: datetime,
+                      finished_at: datetime, busy_seconds: float, mean_batch_fill: float,
+                      hourly_usd: float) -> UsageRecord:
+    """A record with the derived fields (throughput, cost) computed as the module says."""
+    tokens = prompt_tokens + completion_tokens
+    cost = busy_seconds / 3600 * hourly_usd
+    return UsageRecord(
+        job_id=job_id, shard=shard, model=model, quantization=quantization, worker=worker,
+        device=device, rows=rows, prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens, cached_tokens=cached_tokens,
+        started_at=started_at, finished_at=finished_at, busy_seconds=busy_seconds,
+        tokens_per_second=tokens / busy_seconds if busy_seconds > 0 else 0.0,
+        mean_batch_fill=mean_batch_fill, cost_usd=cost,
+        cost_per_million_tokens=cost / tokens * 1e6 if tokens else 0.0,
+    )
+
+
+def write_usage(store: Store, record: UsageRecord) -> str:
+    """Write record to its dated key (replacing an earlier attempt's of the same day)."""
+    key = keys.usage_key(record.finished_at.date(), record.job_id, record.shard)
+    row = dataclasses.asdict(record)
+    put_table(store, key, pa.Table.from_pylist([row], schema=USAGE_SCHEMA))
+    return key
+
+
+def read_job_usage(store: Store, job_id: str, first_day: date, last_day: date) -> list[UsageRecord]:
+    """The job's usage records dated first_day..last_day, one per shard, ordered by shard.
+
+    A shard re-run on a later day (its first attempt died after writing usage) leaves two
+    records; the later one is kept.
+    """
+    latest: dict[int, UsageRecord] = {}
+    day = first_day
+    while day <= last_day:
+        for key in store.list(keys.usage_prefix(day, job_id)):
+            for row in read_table(store, key).to_pylist():
+                record = UsageRecord(**row)
+                kept = latest.get(record.shard)
+                if kept is None or record.finished_at > kept.finished_at:
+                    latest[record.shard] = record
+        day += timedelta(days=1)
+    return [latest[shard] for shard in sorted(latest)]
+
+
+def usage_totals(records: list[UsageRecord]) -> dict[str, float]:
+    """The manifest's usage block: sums, with throughput, fill and cost over the whole job."""
+    prompt = sum(r.prompt_tokens for r in records)
+    completion = sum(r.completion_tokens for r in records)
+    busy = sum(r.busy_seconds for r in records)
+    cost = sum(r.cost_usd for r in records)
+    tokens = prompt + completion
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "cached_tokens": sum(r.cached_tokens for r in records),
+        "busy_seconds": busy,
+        "cost_usd": cost,
+        "cost_per_million_tokens": cost / tokens * 1e6 if tokens else 0.0,
+        "tokens_per_second": tokens / busy if busy > 0 else 0.0,
+        # Weighted by busy time: a long shard's fill says more about the job than a short one's.
+        "mean_batch_fill": (sum(r.mean_batch_fill * r.busy_seconds for r in records) / busy
+                            if busy > 0 else 0.0),
+    }

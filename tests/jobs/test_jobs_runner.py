@@ -1,0 +1,317 @@
+"""Running shards through the real engine (a tiny random-weight Llama on the CPU)."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from engine import LLM, SamplingParams
+from jobs import keys, runner
+from jobs.finalize import finalize_job
+from jobs.planner import Shard
+from jobs.results import merge_results
+from jobs.spec import JobSpec
+from jobs.store import get_json, open_store
+from jobs.submit import create_job
+from jobs.tables import put_table, read_table
+from jobs.usage import USAGE_SCHEMA
+
+ENGINE_OPTIONS = dict(dtype="float32", device="cpu", kv_cache_memory="64MiB")
+WORDS = "the cat dog bird ran saw a big red ball in park once upon time".split()
+DEFAULT_MAX_TOKENS = 6
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """A tiny model gains nothing from more threads, and loses much on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_llama) -> LLM:
+    """The engine the shards run on, reused across shards as a worker does."""
+    return LLM(model=str(tiny_llama), **ENGINE_OPTIONS)
+
+
+@pytest.fixture(scope="module")
+def direct_llm(tiny_llama) -> LLM:
+    """A second engine, the oracle: what engine.LLM.generate gives for the same rows."""
+    return LLM(model=str(tiny_llama), **ENGINE_OPTIONS)
+
+
+def prompt(i: int) -> str:
+    return " ".join(WORDS[(i * 5 + k) % len(WORDS)] for k in range(1 + i % 9))
+
+
+def prompts_table(rows: int = 30) -> pa.Table:
+    """Varied prompts with overrides, a pass-through column and five rows that cannot run."""
+    prompts = [prompt(i) for i in range(rows)]
+    prompts[3], prompts[8], prompts[13] = None, "", "the cat " * 400  # > 512-token context
+    max_tokens = [None if i % 3 else 2 + i % 5 for i in range(rows)]
+    max_tokens[20], max_tokens[21] = 0, 2.5  # invalid per-row overrides
+    return pa.table({
+        "id": [f"r{i:03d}" for i in range(rows)],
+        "prompt": prompts,
+        "category": [f"c{i % 4}" for i in range(rows)],
+        "max_tokens": pa.array(max_tokens, pa.float64()),
+        "temperature": [0.8 if i % 4 == 1 else None for i in range(rows)],
+        "seed": [100 + i if i % 4 == 1 else None for i in range(rows)],
+        "stop": [["dog"] if i % 7 == 2 else None for i in range(rows)],
+    })
+
+
+INVALID = {"r003": "prompt is null", "r008": "prompt is empty", "r013": "context length",
+           "r020": "max_tokens must be at least 1", "r021": "max_tokens must be an integer"}
+
+
+def expected_outputs(direct_llm: LLM, table: pa.Table) -> dict[str, tuple]:
+    rows = [r for r in table.to_pylist() if r["id"] not in INVALID]
+    params = [SamplingParams(
+        max_tokens=int(r["max_tokens"] or DEFAULT_MAX_TOKENS),
+        temperature=0.0 if r["temperature"] is None else r["temperature"],
+        seed=r["seed"], stop=r["stop"]) for r in rows]
+    outs = direct_llm.generate([r["prompt"] for r in rows], params)
+    return {r["id"]: (o.text, o.finish_reason, o.prompt_tokens, o.completion_tokens)
+            for r, o in zip(rows, outs, strict=True)}
+
+
+@pytest.fixture(params=["file", "s3"])
+def store(request):
+    return open_store(request.getfixturevalue(f"{request.param}_store_url"))
+
+
+def submit(store, tmp_path, table: pa.Table, row_group_size: int, **spec) -> tuple[str, list]:
+    path = tmp_path / "in.parquet"
+    pq.write_table(table, path, row_group_size=row_group_size)
+    return create_job(store, path, JobSpec(model="tiny", **spec))
+
+
+def test_shards_give_what_the_engine_gives_directly(store, tmp_path, llm, direct_llm,
+                                                    monkeypatch):
+    monkeypatch.setenv("BATCHINFER_GPU_HOURLY_USD", "3.6")
+    table = prompts_table()
+    job_id, shards = submit(store, tmp_path, table, row_group_size=5, id_column="id",
+                            max_tokens=DEFAULT_MAX_TOKENS, shard_size=8)
+    assert [(s.row_start, s.row_end) for s in shards] == [(0, 5), (5, 10), (10, 15), (15, 20),
+                                                          (20, 25), (25, 30)]
+    progress_calls = []
+    summaries = [runner.run_shard(store, job_id, s.index, llm, worker="w1",
+                                  on_progress=lambda *a: progress_calls.append(a))
+                 for s in shards]
+
+    assert [s["skipped"] or s["cancelled"] for s in summaries] == [False] * len(shards)
+    assert sum(s["succeeded"] for s in summaries) == 25
+    assert sum(s["failed"] for s in summaries) == 5
+    assert progress_calls[0][:2] == (0, 5) and progress_calls[-1][:2] == (5, 5)
+
+    results = merge_results(store, job_id)
+    assert results.column_names == ["id", "category", "max_tokens", "temperature", "seed", "stop",
+                                    "output", "finish_reason", "prompt_tokens",
+                                    "completion_tokens", "cached_tokens"]
+    ids = results.column("id").to_pylist()
+    assert ids == [f"r{i:03d}" for i in range(30) if f"r{i:03d}" not in INVALID]
+    by_id = {r["id"]: r for r in results.to_pylist()}
+    source = {r["id"]: r for r in table.to_pylist()}
+    for row_id, row in by_id.items():
+        for column in ("category", "max_tokens", "temperature", "seed", "stop"):
+            assert row[column] == source[row_id][column], (row_id, column)
+
+    expected = expected_outputs(direct_llm, table)
+    got = {i: (r["output"], r["finish_reason"], r["prompt_tokens"], r["completion_tokens"])
+           for i, r in by_id.items()}
+    assert got == expected
+    assert by_id["r000"]["completion_tokens"] == 2  # per-row max_tokens applied
+    assert all(r["completion_tokens"] <= DEFAULT_MAX_TOKENS for r in by_id.values())
+
+    errors = pa.concat_tables([read_table(store, k)
+                               for k in store.list(keys.errors_prefix(job_id))])
+    assert errors.column_names == ["id", "error"]
+    reasons = dict(zip(errors.column("id").to_pylist(), errors.column("error").to_pylist(),
+                       strict=True))
+    assert set(reasons) == set(INVALID)
+    for row_id, fragment in INVALID.items():
+        assert fragment in reasons[row_id], reasons[row_id]
+
+    usage_keys = [k for k in store.list("usage/") if job_id in k]
+    assert len(usage_keys) == len(shards)
+    usage = pa.concat_tables([read_table(store, k) for k in usage_keys])
+    assert usage.schema == USAGE_SCHEMA
+    assert usage.column("shard").to_pylist() == list(range(len(shards)))
+    assert pc.sum(usage.column("rows")).as_py() == 30
+    for name in ("prompt_tokens", "completion_tokens", "cached_tokens"):
+        assert pc.sum(usage.column(name)).as_py() == pc.sum(results.column(name)).as_py()
+    for record in usage.to_pylist():
+        assert record["job_id"] == job_id and record["model"] == "tiny"
+        assert record["worker"] == "w1" and record["device"] == "cpu"
+        assert record["quantization"] is None
+        assert record["started_at"] <= record["finished_at"]
+        assert record["busy_seconds"] > 0
+        assert record["cost_usd"] == pytest.approx(record["busy_seconds"] / 1000)
+        tokens = record["prompt_tokens"] + record["completion_tokens"]
+        assert record["tokens_per_second"] == pytest.approx(tokens / record["busy_seconds"])
+        if tokens:
+            assert record["cost_per_million_tokens"] == pytest.approx(
+                record["cost_usd"] / tokens * 1e6)
+            assert 0 < record["mean_batch_fill"] <= 1
+
+    for shard in shards:
+        progress = get_json(store, keys.progress_key(job_id, shard.index))
+        assert progress["done"] == progress["total"] == shard.num_rows
+
+    final = finalize_job(store, job_id)
+    assert final["state"] == "completed"
+    assert final["counts"] == {"total_rows": 30, "succeeded_rows": 25, "failed_rows": 5,
+                               "shards_total": 6, "shards_done": 6}
+    assert final["usage"]["completion_tokens"] == pc.sum(results["completion_tokens"]).as_py()
+    assert final["usage"]["cost_usd"] == pytest.approx(pc.sum(usage["cost_usd"]).as_py())
+
+
+def test_a_done_shard_is_not_run_again(file_store_url, tmp_path, llm):
+    store = open_store(file_store_url)
+    job_id, shards = submit(store, tmp_path, prompts_table().slice(0, 10), row_group_size=10, shard_size=10,
+                            max_tokens=3)
+    first = runner.run_shard(store, job_id, 0, llm)
+    written = {k: store.etag(k) for k in store.list("")}
+    again = runner.run_shard(store, job_id, 0, llm,
+                             on_progress=lambda *a: pytest.fail("ran again"))
+    assert again["skipped"] and not first["skipped"]
+    assert (again["succeeded"], again["failed"], again["rows"]) == (
+        first["succeeded"], first["failed"], 10)
+    assert {k: store.etag(k) for k in store.list("")} == written
+
+
+def test_a_rerun_after_a_crash_replaces_the_dead_attempts_files(file_store_url, tmp_path, llm):
+    """A worker died after writing errors and usage but before the results part."""
+    store = open_store(file_store_url)
+    table = pa.table({"prompt": [prompt(i) for i in range(6)]})
+    job_id, _ = submit(store, tmp_path, table, row_group_size=6, max_tokens=3)
+    put_table(store, keys.error_key(job_id, 0), pa.table({"row_index": [0], "error": ["stale"]}))
+    summary = runner.run_shard(store, job_id, 0, llm)
+    assert (summary["succeeded"], summary["failed"]) == (6, 0)
+    assert not store.exists(keys.error_key(job_id, 0))
+    assert finalize_job(store, job_id)["counts"]["failed_rows"] == 0
+
+
+def test_row_index_ids_when_no_id_column(file_store_url, tmp_path, llm):
+    store = open_store(file_store_url)
+    table = pa.table({"prompt": [prompt(i) for i in range(9)], "n": list(range(9))})
+    job_id, shards = submit(store, tmp_path, table, row_group_size=3, shard_size=4, max_tokens=2)
+    for shard in shards:
+        runner.run_shard(store, job_id, shard.index, llm)
+    results = merge_results(store, job_id)
+    assert results.column_names[:2] == ["row_index", "n"]
+    assert results.column("row_index").to_pylist() == list(range(9))
+    assert results.column("n").to_pylist() == list(range(9))
+
+
+def test_messages_are_rendered_with_the_chat_template(file_store_url, tmp_path, llm, direct_llm):
+    store = open_store(file_store_url)
+    chats = [[{"role": "system", "content": "be brief"}, {"role": "user", "content": prompt(i)}]
+             for i in range(5)]
+    chats[2] = []
+    chats[4] = [{"role": "user", "content": None}]
+    message_type = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
+    table = pa.table({"chat": pa.array(chats, message_type), "prompt": ["kept"] * 5})
+    job_id, _ = submit(store, tmp_path, table, row_group_size=5, messages_column="chat",
+                       max_tokens=4)
+    runner.run_shard(store, job_id, 0, llm)
+
+    results = merge_results(store, job_id)
+    assert results.column("row_index").to_pylist() == [0, 1, 3]
+    assert results.column("prompt").to_pylist() == ["kept"] * 3
+    texts = [direct_llm.tokenizer.apply_chat_template(chats[i], tokenize=False,
+                                                      add_generation_prompt=True)
+             for i in (0, 1, 3)]
+    assert texts[0].endswith("assistant:")
+    direct = direct_llm.generate(texts, SamplingParams(max_tokens=4, temperature=0.0))
+    assert results.column("output").to_pylist() == [o.text for o in direct]
+    assert results.column("prompt_tokens").to_pylist() == [o.prompt_tokens for o in direct]
+    errors = read_table(store, keys.error_key(job_id, 0)).to_pylist()
+    assert [e["row_index"] for e in errors] == [2, 4]
+    assert "empty" in errors[0]["error"] and "no content" in errors[1]["error"]
+
+
+def test_cancel_aborts_in_flight_rows_and_writes_nothing(file_store_url, tmp_path, llm,
+                                                         monkeypatch):
+    monkeypatch.setattr(runner, "CANCEL_CHECK_SECONDS", 0.0)
+    store = open_store(file_store_url)
+    table = pa.table({"prompt": [prompt(i) for i in range(12)]})
+    job_id, _ = submit(store, tmp_path, table, row_group_size=12, max_tokens=20)
+    asked = []
+
+    def cancel_on_third_check() -> bool:
+        asked.append(llm.num_unfinished_requests())
+        return len(asked) == 3
+
+    summary = runner.run_shard(store, job_id, 0, llm, should_cancel=cancel_on_third_check)
+    assert summary["cancelled"] and summary["succeeded"] == 0
+    assert asked[-1] > 0, "rows were in flight when the cancel came"
+    assert not store.exists(keys.result_key(job_id, 0))
+    assert not store.exists(keys.error_key(job_id, 0))
+    assert [k for k in store.list("usage/") if job_id in k] == []
+    leftovers = llm.step()  # the aborted requests are handed back once, then gone
+    assert {o.finish_reason for o in leftovers} == {"aborted"}
+    assert not llm.has_unfinished_requests()
+
+    # The shard runs normally later, unbothered by the aborted requests.
+    assert runner.run_shard(store, job_id, 0, llm)["succeeded"] == 12
+
+
+def test_in_flight_requests_stay_bounded(file_store_url, tmp_path, tiny_llama):
+    class PeakCountingLLM(LLM):
+        """The real engine, noting how many requests it holds when each one arrives."""
+
+        peak = 0
+
+        def add_request(self, request_id, prompt, params=None):
+            super().add_request(request_id, prompt, params)
+            self.peak = max(self.peak, self.num_unfinished_requests())
+
+    small = PeakCountingLLM(model=str(tiny_llama), max_num_seqs=2, **ENGINE_OPTIONS)
+    store = open_store(file_store_url)
+    table = pa.table({"prompt": [prompt(i) for i in range(20)]})
+    job_id, _ = submit(store, tmp_path, table, row_group_size=20, max_tokens=2)
+    assert runner.run_shard(store, job_id, 0, small)["succeeded"] == 20
+    assert small.peak == runner.IN_FLIGHT_PER_SEQ_SLOT * 2
+
+
+def test_progress_is_reported_while_running(file_store_url, tmp_path, llm, monkeypatch):
+    monkeypatch.setattr(runner, "PROGRESS_SECONDS", 0.0)
+    store = open_store(file_store_url)
+    table = pa.table({"prompt": [prompt(i) for i in range(8)]})
+    job_id, _ = submit(store, tmp_path, table, row_group_size=8, max_tokens=4)
+    calls = []
+    runner.run_shard(store, job_id, 0, llm, on_progress=lambda *a: calls.append(a))
+    done = [c[0] for c in calls]
+    assert len(calls) > 3 and done == sorted(done) and done[-1] == 8
+    assert all(c[1] == 8 for c in calls)
+    assert calls[-1][2] > 0 and 0 < calls[-1][3] <= 1  # tokens/s and batch fill
+
+
+def test_a_shard_reads_only_its_row_groups(tmp_path, monkeypatch):
+    path = tmp_path / "in.parquet"
+    pq.write_table(pa.table({"prompt": [str(i) for i in range(20)]}), path, row_group_size=5)
+    requested = []
+    original = pq.ParquetFile.iter_batches
+
+    def spy(self, *args, row_groups=None, **kwargs):
+        requested.append(row_groups)
+        return original(self, *args, row_groups=row_groups, **kwargs)
+
+    monkeypatch.setattr(pq.ParquetFile, "iter_batches", spy)
+    rows = runner.read_shard_rows(pq.ParquetFile(path), Shard(1, 7, 13))
+    assert rows.column("prompt").to_pylist() == [str(i) for i in range(7, 13)]
+    assert requested == [[1, 2]]
+
+
+def test_an_unknown_shard_is_refused(file_store_url, tmp_path, llm):
+    store = open_store(file_store_url)
+    job_id, _ = submit(store, tmp_path, pa.table({"prompt": ["a"]}), row_group_size=1)
+    with pytest.raises(ValueError, match="has 1 shards, not shard 1"):
+        runner.run_shard(store, job_id, 1, llm)

@@ -1,0 +1,134 @@
+"""Creating jobs, the manifest and its state machine, and live progress."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from jobs import keys, manifest
+from jobs.errors import UserError
+from jobs.progress import read_progress, write_progress
+from jobs.spec import JobSpec, load_spec
+from jobs.store import get_json, open_store
+from jobs.submit import create_job
+
+
+@pytest.fixture(params=["file", "s3"])
+def store(request):
+    return open_store(request.getfixturevalue(f"{request.param}_store_url"))
+
+
+def test_create_job_uploads_input_spec_and_a_queued_manifest(store, tmp_path):
+    table = pa.table({"prompt": [f"p{i}" for i in range(25)], "id": list(range(25))})
+    path = tmp_path / "in.parquet"
+    pq.write_table(table, path, row_group_size=10)
+    spec = JobSpec(model="tiny", id_column="id", max_tokens=9, shard_size=10)
+
+    job_id, shards = create_job(store, path, spec)
+
+    assert keys.validate_job_id(job_id) == job_id
+    assert [(s.row_start, s.row_end) for s in shards] == [(0, 10), (10, 20), (20, 25)]
+    assert store.list(keys.job_prefix(job_id)) == sorted(
+        [keys.input_key(job_id), keys.spec_key(job_id), keys.manifest_key(job_id)])
+    assert store.get_bytes(keys.input_key(job_id)) == path.read_bytes()
+    assert load_spec(store, job_id) == spec
+    saved = get_json(store, keys.manifest_key(job_id))
+    assert saved["job_id"] == job_id and saved["state"] == "queued" and saved["model"] == "tiny"
+    assert saved["counts"] == {"total_rows": 25, "succeeded_rows": 0, "failed_rows": 0,
+                               "shards_total": 3, "shards_done": 0}
+    assert set(saved["usage"]) == set(manifest.USAGE_FIELDS)
+    assert saved["created_at"].endswith("+00:00")
+    assert saved["started_at"] is None and saved["finished_at"] is None
+
+
+def test_create_job_from_a_table(file_store_url):
+    store = open_store(file_store_url)
+    job_id, shards = create_job(store, pa.table({"prompt": ["a", "b"]}), JobSpec(model="m"))
+    assert len(shards) == 1
+    assert pq.read_table(store.open_read(keys.input_key(job_id))).num_rows == 2
+
+
+def test_an_invalid_input_uploads_nothing(store, tmp_path):
+    path = tmp_path / "bad.parquet"
+    pq.write_table(pa.table({"text": ["a"]}), path)
+    with pytest.raises(UserError, match="no column 'prompt'"):
+        create_job(store, path, JobSpec(model="m"))
+    assert store.list("") == []
+
+
+def test_manifest_never_holds_secrets(file_store_url, monkeypatch):
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "very-secret-value")
+    store = open_store(file_store_url)
+    job_id, _ = create_job(store, pa.table({"prompt": ["a"]}), JobSpec(model="m"))
+    text = store.get_bytes(keys.manifest_key(job_id)).decode()
+    assert "very-secret-value" not in text and store.url not in text
+    assert set(json.loads(text)) == {"job_id", "state", "model", "counts", "usage", "created_at",
+                                     "started_at", "finished_at", "reason"}
+
+
+def new_job(store) -> str:
+    job_id, _ = create_job(store, pa.table({"prompt": ["a", "b"]}), JobSpec(model="m"))
+    return job_id
+
+
+def test_update_merges_counts_and_checks_state_changes(file_store_url):
+    store = open_store(file_store_url)
+    job_id = new_job(store)
+    updated = manifest.update_manifest(store, job_id, counts={"succeeded_rows": 2})
+    assert updated["counts"]["total_rows"] == 2 and updated["counts"]["succeeded_rows"] == 2
+    assert manifest.load_manifest(store, job_id) == updated
+    with pytest.raises(UserError, match="is queued; it cannot become completed"):
+        manifest.update_manifest(store, job_id, state="completed")
+    with pytest.raises(ValueError, match="unknown job state"):
+        manifest.save_manifest(store, job_id, {**updated, "state": "exploded"})
+    for state in ("running", "finalizing", "completed", "queued"):  # ... and a retry
+        assert manifest.update_manifest(store, job_id, state=state)["state"] == state
+
+
+def test_running_cancel_and_listing(file_store_url):
+    store = open_store(file_store_url)
+    first = new_job(store)
+    time.sleep(0.01)
+    second = new_job(store)
+
+    running = manifest.mark_running(store, first)
+    assert running["state"] == "running" and running["started_at"]
+    assert manifest.mark_running(store, first) == running  # only the first shard stamps it
+
+    assert not manifest.cancel_requested(store, second)
+    assert manifest.request_cancel(store, second)["state"] == "cancelling"
+    assert manifest.cancel_requested(store, second)
+    assert manifest.mark_running(store, second)["state"] == "cancelling"
+    manifest.update_manifest(store, second, state="cancelled")
+    assert manifest.request_cancel(store, second)["state"] == "cancelled"
+
+    store.put_bytes("jobs/not-a-job/manifest.json", b"{}")  # ignored: not a job id
+    store.put_bytes(f"jobs/{keys.new_job_id()}/spec.json", b"{}")  # still being created
+    listed = manifest.list_manifests(store)
+    assert [m["job_id"] for m in listed] == [second, first]
+
+
+def test_unknown_job_is_a_user_error(file_store_url):
+    store = open_store(file_store_url)
+    with pytest.raises(UserError, match="not found"):
+        manifest.load_manifest(store, keys.new_job_id())
+    with pytest.raises(UserError, match="invalid job id"):
+        manifest.load_manifest(store, "../../etc")
+
+
+def test_progress_adds_up_running_shards(store):
+    job_id = keys.new_job_id()
+    assert read_progress(store, job_id)["rows_done"] == 0
+    write_progress(store, job_id, 0, 10, 10, 100.0, 0.5)  # finished
+    write_progress(store, job_id, 1, 4, 10, 30.0, 0.4)
+    write_progress(store, job_id, 2, 6, 8, 20.0, 0.6)
+    progress = read_progress(store, job_id)
+    assert (progress["rows_done"], progress["rows_total"]) == (20, 28)
+    assert (progress["shards_reporting"], progress["shards_running"]) == (3, 2)
+    assert progress["tokens_per_second"] == 50.0
+    assert progress["batch_fill"] == pytest.approx(0.5)
+    assert [s["shard"] for s in progress["shards"]] == [0, 1, 2]
