@@ -1,0 +1,50 @@
+"""One loaded engine per worker process, reused across shards.
+
+It is loaded on first use inside the process that runs tasks, never in a parent before a
+fork (CUDA cannot be re-initialised in a forked child). A shard naming another model
+costs a reload, which is why fleets route models to queues.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import threading
+
+from engine import LLM
+
+_lock = threading.Lock()
+_loaded: tuple[str, LLM] | None = None
+
+
+def engine_options() -> dict:
+    """Engine settings a worker takes from its environment (defaults: the engine's own)."""
+    options: dict = {}
+    for env, key, cast in (
+        ("BATCHINFER_DTYPE", "dtype", str),
+        ("BATCHINFER_DEVICE", "device", str),
+        ("BATCHINFER_QUANTIZATION", "quantization", str),
+        ("BATCHINFER_KV_CACHE_MEMORY", "kv_cache_memory", str),
+        ("BATCHINFER_MAX_NUM_SEQS", "max_num_seqs", int),
+        ("BATCHINFER_MAX_NUM_BATCHED_TOKENS", "max_num_batched_tokens", int),
+    ):
+        if os.environ.get(env):
+            options[key] = cast(os.environ[env])
+    return options
+
+
+def get_engine(model_path: str) -> LLM:
+    """The engine for model_path, loading it (and dropping any other) if needed."""
+    global _loaded
+    with _lock:
+        if _loaded is not None and _loaded[0] == model_path:
+            return _loaded[1]
+        _loaded = None
+        gc.collect()
+        llm = LLM(model=model_path, **engine_options())
+        _loaded = (model_path, llm)
+        return llm
+
+
+def loaded_engine() -> LLM | None:
+    return None if _loaded is None else _loaded[1]

@@ -1,0 +1,122 @@
+"""Shard leases in Redis, and the watchdog that re-queues shards whose worker went silent.
+
+Redis gives an unacknowledged task back only after the broker's visibility timeout, which
+must be longer than the longest shard (else healthy shards would run twice). A worker that
+dies (kill -9, lost machine) would leave its shard stuck for that long. Instead, a running
+shard holds a lease that its worker renews every few seconds; when a lease has not been
+renewed for BATCHINFER_LEASE_SECONDS, the watchdog sends the shard again. The stale
+message, if Redis ever redelivers it, finds the shard's part file and does nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import redis
+
+log = logging.getLogger(__name__)
+
+LEASES_KEY = "batchinfer:shard-leases"
+DEFAULT_LEASE_SECONDS = 60.0
+
+# Re-queue a lease only if nobody renewed or re-queued it since we read it.
+_CLAIM_SCRIPT = """
+local current = redis.call('HGET', KEYS[1], ARGV[1])
+if current == ARGV[2] then
+  redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
+  return 1
+end
+return 0
+"""
+
+
+def lease_seconds() -> float:
+    raw = os.environ.get("BATCHINFER_LEASE_SECONDS", str(DEFAULT_LEASE_SECONDS))
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"BATCHINFER_LEASE_SECONDS must be a number, got {raw!r}") from None
+    if value <= 0:
+        raise ValueError("BATCHINFER_LEASE_SECONDS must be positive")
+    return value
+
+
+def supports_leases(broker_url: str) -> bool:
+    """Leases live beside a Redis broker; the embedded broker has no redelivery to guard."""
+    return broker_url.startswith(("redis://", "rediss://"))
+
+
+class ShardLeases:
+    """One Redis hash: field "<job_id>:<shard>" -> the shard's task arguments and deadline."""
+
+    def __init__(self, redis_url: str, seconds: float | None = None) -> None:
+        self.redis = redis.Redis.from_url(redis_url)
+        self.seconds = seconds if seconds is not None else lease_seconds()
+
+    def _now(self) -> float:
+        # The server's clock, so workers on machines with skewed clocks agree.
+        secs, micros = self.redis.time()
+        return secs + micros / 1e6
+
+    @staticmethod
+    def field(job_id: str, shard_index: int) -> str:
+        return f"{job_id}:{shard_index}"
+
+    def acquire(self, task: dict) -> str:
+        """task: the run_shard arguments (job_id, shard_index, shards_total, store_url) and queue."""
+        field = self.field(task["job_id"], task["shard_index"])
+        self._write(field, task)
+        return field
+
+    def renew(self, field: str) -> None:
+        raw = self.redis.hget(LEASES_KEY, field)
+        if raw is not None:
+            self._write(field, json.loads(raw))
+
+    def release(self, field: str) -> None:
+        self.redis.hdel(LEASES_KEY, field)
+
+    def _write(self, field: str, task: dict) -> None:
+        task = dict(task, expires_at=self._now() + self.seconds)
+        self.redis.hset(LEASES_KEY, field, json.dumps(task, sort_keys=True))
+
+    def claim_expired(self) -> list[dict]:
+        """The expired leases that this caller won (each is re-armed, so exactly one watchdog
+        re-queues it, and again only if the new run also goes silent)."""
+        now = self._now()
+        claimed = []
+        for field, raw in self.redis.hgetall(LEASES_KEY).items():
+            task = json.loads(raw)
+            if task["expires_at"] > now:
+                continue
+            renewed = json.dumps(dict(task, expires_at=now + self.seconds), sort_keys=True)
+            if self.redis.eval(_CLAIM_SCRIPT, 1, LEASES_KEY, field, raw, renewed):
+                claimed.append(task)
+        return claimed
+
+    @contextmanager
+    def held(self, task: dict) -> Iterator[None]:
+        """Hold the shard's lease, renewed in the background, while the block runs."""
+        field = self.acquire(task)
+        stop = threading.Event()
+
+        def renew_until_stopped() -> None:
+            while not stop.wait(self.seconds / 4):
+                try:
+                    self.renew(field)
+                except redis.RedisError as exc:  # Redis restarting: keep trying
+                    log.warning("lease renewal failed: %s", exc)
+
+        renewer = threading.Thread(target=renew_until_stopped, name="lease-renewer", daemon=True)
+        renewer.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            renewer.join()
+            self.release(field)
