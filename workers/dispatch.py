@@ -4,17 +4,23 @@ the sender (the client, the CLI, the watchdog) needs no worker code loaded."""
 from __future__ import annotations
 
 from functools import lru_cache
+from pathlib import Path
 
 from celery import Celery
 
+from jobs import settings
 from workers.app import DEFAULT_QUEUE, create_app
 
 
-@lru_cache(maxsize=4)
 def _app_for(broker_url: str | None) -> Celery:
-    from workers.app import app
+    # Keyed by the broker and the embedded broker's folder as they are now, not as they were
+    # when workers.app was first imported: a pipeline process may point elsewhere later.
+    return _cached_app(broker_url or settings.broker_url(), settings.home())
 
-    return app if broker_url is None else create_app(broker_url)
+
+@lru_cache(maxsize=4)
+def _cached_app(broker_url: str, home: Path) -> Celery:
+    return create_app(broker_url)
 
 
 def send_shard(job_id: str, shard_index: int, shards_total: int, store_url: str, *,
