@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from engine.attention import build_attention_metadata
+from engine.attention import Workspace, build_attention_metadata
 from engine.model import CausalLM
 from engine.sampler import Sampler
 from engine.scheduler import ScheduledBatch
@@ -34,10 +34,12 @@ class ModelRunner:
         self.windows = set(model.config.sliding_windows)
         config = model.config
         # Zero-filled: padded reads of never-written slots must be finite (they are masked).
+        # Layout [layer, K/V, block, kv_head, offset, head_dim]: see engine/attention.py.
         self.kv_cache = torch.zeros(
-            config.num_layers, 2, num_blocks, block_size, config.num_kv_heads, config.head_dim,
+            config.num_layers, 2, num_blocks, config.num_kv_heads, block_size, config.head_dim,
             dtype=dtype, device=device,
         )
+        self.workspace = Workspace()  # attention's gather buffers, shared by all layers
         for layer, cache in zip(model.model.layers, self.kv_cache, strict=True):
             layer.self_attn.attn.k_cache = cache[0]
             layer.self_attn.attn.v_cache = cache[1]
@@ -59,7 +61,7 @@ class ModelRunner:
         positions_cpu = torch.tensor(positions, dtype=torch.int64)
         meta = build_attention_metadata(
             positions_cpu, batch.num_new_tokens, [seq.block_table for seq in batch.seqs],
-            self.block_size, self.windows, self.device,
+            self.block_size, self.windows, self.device, self.workspace,
         )
         logits = self.model(
             torch.tensor(input_ids, dtype=torch.int64, device=self.device),
