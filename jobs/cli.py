@@ -10,6 +10,7 @@ from importlib.metadata import PackageNotFoundError, version
 from typing import Any, NoReturn
 
 from jobs.errors import UserError
+from jobs.settings import mask_secrets
 
 SUBMIT_HELP = """Validate INPUT.parquet, upload it to the store and queue its shards.
 Prints the job id (or {"job_id": ...} with --json). With --wait, shows a progress bar
@@ -131,6 +132,24 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_retry(args: argparse.Namespace) -> int:
+    job = _client().job(args.job)
+    plan = job.retry()
+    if args.json:
+        _print_json(plan)
+    elif plan["round"] is None:
+        print(f"job {args.job}: nothing to retry", file=sys.stderr)
+    else:
+        print(f"job {args.job}: retry round {plan['round']} queued: "
+              f"{len(plan['whole_shards'])} whole shard(s), {plan['rows']} failed row(s)",
+              file=sys.stderr)
+    if not args.wait or plan["round"] is None:
+        return 0
+    status = job.wait(progress=not args.json)
+    _print_summary(status)
+    return 0 if status["state"] == "completed" else 1
+
+
 def cmd_worker(args: argparse.Namespace) -> int:
     from workers.launcher import parse_gpus, run_workers
 
@@ -207,6 +226,17 @@ def build_parser() -> argparse.ArgumentParser:
     cancel.add_argument("job", metavar="JOB", help="job id")
     cancel.set_defaults(func=cmd_cancel)
 
+    retry = sub.add_parser(
+        "retry", help="run again a finished job's failed shards and transiently failed rows",
+        description="Run again, in a new retry round, the shards of a finished job that have "
+                    "no results (they failed, or the job was cancelled) and the rows whose "
+                    "error is of kind 'transient' (the engine failed on them at run time). "
+                    "Rows that succeeded and invalid rows are left as they are.")
+    retry.add_argument("job", metavar="JOB", help="job id")
+    retry.add_argument("--wait", action="store_true", help="wait for the round to finish")
+    retry.add_argument("--json", action="store_true", help="print what was queued as JSON")
+    retry.set_defaults(func=cmd_retry)
+
     worker = sub.add_parser(
         "worker", help="start GPU workers (one process per GPU) or a CPU worker",
         description="Start one Celery worker per GPU (CUDA_VISIBLE_DEVICES pinned, solo pool), "
@@ -271,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
             args.celery_args = extra
         return args.func(args)
     except UserError as exc:
-        print(f"batchinfer: error: {exc}", file=sys.stderr)
+        print(f"batchinfer: error: {mask_secrets(str(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

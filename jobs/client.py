@@ -14,11 +14,12 @@ from typing import Any
 
 import pyarrow as pa
 
-from jobs import manifest, progress, results, settings
+from jobs import finalize, manifest, progress, results, retry, settings
 from jobs.keys import validate_job_id
+from jobs.planner import Shard
 from jobs.spec import JobSpec
 from jobs.store import Store, open_store
-from jobs.submit import create_job
+from jobs.submit import submit_job
 
 TERMINAL_STATES = ("completed", "failed", "cancelled")
 
@@ -65,8 +66,28 @@ class Job:
                 bar.close()
 
     def cancel(self) -> dict[str, Any]:
-        """Stop queued shards from starting and running ones at their next engine step."""
-        return manifest.request_cancel(self.client.store, self.id)
+        """Stop queued shards from starting and running ones at their next engine step.
+
+        The job ends cancelled at once (even with no worker up to notice); rows already
+        written stay, and a shard that was finishing as the cancel came still counts."""
+        state = manifest.request_cancel(self.client.store, self.id)
+        if state["state"] != "cancelling":
+            return state  # it had already ended
+        return finalize.finalize_if_complete(self.client.store, self.id) or state
+
+    def retry(self) -> dict[str, Any]:
+        """Run again the shards that have no results and the rows that failed for a
+        transient reason (jobs/retry.py); returns what was queued (round None: nothing)."""
+        from workers.dispatch import send_shard
+
+        spec_queue = self.client.job_spec(self.id).queue
+        shards_total = manifest.load_manifest(self.client.store, self.id)["counts"]["shards_total"]
+
+        def enqueue(shard: int, attempt: int) -> None:
+            send_shard(self.id, shard, shards_total, self.client.store_url, queue=spec_queue,
+                       broker_url=self.client.broker_url, attempt=attempt)
+
+        return retry.start_retry(self.client.store, self.id, enqueue)
 
     def results(self) -> pa.Table:
         """All result rows of the finished shards, in input order."""
@@ -87,17 +108,28 @@ class Client:
         self.store: Store = open_store(self.store_url)
 
     def submit(self, source: str | Path | pa.Table, model: str, **spec: Any) -> Job:
-        """Validate the input, upload it, and queue its shards. spec: the JobSpec fields."""
+        """Validate the input, upload it, and queue its shards. spec: the JobSpec fields.
+
+        With idempotency_key="...", a key already used returns the job it created (even
+        when two submits race) instead of creating another."""
         from workers.dispatch import enqueue_job
 
         job_spec = JobSpec(model=model, **spec)
-        job_id, shards = create_job(self.store, source, job_spec)
-        enqueue_job(job_id, len(shards), self.store_url,
-                    queue=job_spec.queue, broker_url=self.broker_url)
+
+        def enqueue(job_id: str, shards: list[Shard]) -> None:
+            enqueue_job(job_id, len(shards), self.store_url, queue=job_spec.queue,
+                        broker_url=self.broker_url)
+
+        job_id, _created = submit_job(self.store, source, job_spec, enqueue)
         return Job(self, job_id)
 
     def job(self, job_id: str) -> Job:
         return Job(self, job_id)
+
+    def job_spec(self, job_id: str) -> JobSpec:
+        from jobs.spec import load_spec
+
+        return load_spec(self.store, validate_job_id(job_id))
 
     def jobs(self) -> list[dict[str, Any]]:
         """Summaries of every job in the store, newest first."""

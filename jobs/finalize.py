@@ -1,9 +1,11 @@
 """Finalize a job: count what its shards left in the store and write the final manifest.
 
 A shard is accounted for once its results part exists (it ran, whatever became of its
-rows) or it has recorded a failure (it could not run at all). The task that finds every
-shard accounted for finalizes the job: whichever lists last after writing its own part
-sees all of them, so some task always does, and two that both do write the same manifest.
+rows) or it has recorded a failure (it could not run at all); during a retry round that
+reruns some of its rows, once that round's part or failure exists (jobs/retry.py). The
+task that finds every shard accounted for finalizes the job: whichever lists last after
+writing its own part sees all of them, so some task always does, and two that both do
+write the same manifest. Counts follow jobs/outcomes.py (retried rows count once).
 """
 
 from __future__ import annotations
@@ -12,47 +14,75 @@ from datetime import date, datetime, timezone
 from typing import Any
 
 from jobs import keys
-from jobs.manifest import TERMINAL_STATES, load_manifest, update_manifest, utc_now
+from jobs.manifest import (
+    TERMINAL_STATES,
+    cancel_requested,
+    load_manifest,
+    update_manifest,
+    utc_now,
+)
+from jobs.outcomes import ShardOutcome, count_failed, count_succeeded, list_outcomes
 from jobs.settings import mask_secrets
 from jobs.store import NotFound, Store, get_json, put_json
-from jobs.tables import count_rows
-from jobs.usage import read_job_usage, usage_totals
+from jobs.usage import job_usage_parts, usage_totals
 
 
-def record_shard_failure(store: Store, job_id: str, shard_index: int, reason: str) -> None:
-    """Note that a shard could not run at all (its rows were not tried); fails the job.
-
-    A later successful run of the shard (a retry) outweighs the note.
+def record_shard_failure(store: Store, job_id: str, shard_index: int, reason: str,
+                         attempt: int = 0) -> None:
+    """Note that a shard (or retry round `attempt` of its rows) could not run at all; fails
+    the job. A later successful run of the shard (a retry) outweighs the note.
     """
-    put_json(store, keys.failure_key(job_id, shard_index),
-             {"shard": shard_index, "reason": mask_secrets(reason), "at": utc_now()})
+    put_json(store, keys.failure_key(job_id, shard_index, attempt),
+             {"shard": shard_index, "attempt": attempt, "reason": mask_secrets(reason),
+              "at": utc_now()})
 
 
-def _done_shards(store: Store, job_id: str) -> set[int]:
-    return {keys.shard_of_key(key) for key in store.list(keys.results_prefix(job_id))}
+def _failure_keys(store: Store, job_id: str) -> dict[tuple[int, int], str]:
+    return {keys.part_of_key(key): key for key in store.list(keys.failures_prefix(job_id))}
 
 
-def _failures(store: Store, job_id: str, done: set[int]) -> dict[int, str]:
-    """Recorded failure reasons of the shards that have no results."""
-    reasons = {}
-    for key in store.list(keys.failures_prefix(job_id)):
-        shard = keys.shard_of_key(key)
-        if shard not in done:
-            try:
-                reasons[shard] = get_json(store, key)["reason"]
-            except NotFound:  # deleted since the listing
-                continue
-    return reasons
+def _reason(store: Store, key: str) -> str | None:
+    try:
+        return get_json(store, key)["reason"]
+    except NotFound:  # deleted since the listing (a retry starting)
+        return None
+
+
+def retry_round(manifest: dict[str, Any]) -> tuple[int, set[int]]:
+    """The job's current retry round and the shards whose rows it runs again (0, {} if none).
+
+    Shards that a round runs whole (they had no results) are not in the set: they are
+    accounted for like a first run."""
+    current = manifest.get("retry") or {}
+    return int(current.get("round", 0)), set(current.get("row_shards", []))
+
+
+def _accounted(outcomes: dict[int, ShardOutcome], failures: dict[tuple[int, int], str],
+               shard: int, round_number: int, row_shards: set[int]) -> bool:
+    outcome = outcomes.get(shard)
+    if shard in row_shards:
+        return ((outcome is not None and round_number in outcome.results)
+                or (shard, round_number) in failures)
+    return (outcome is not None and outcome.done) or (shard, 0) in failures
+
+
+def _cancelled(store: Store, job_id: str, manifest: dict[str, Any]) -> bool:
+    return manifest["state"] in ("cancelling", "cancelled") or (
+        manifest["state"] not in TERMINAL_STATES and cancel_requested(store, job_id))
 
 
 def finalize_if_complete(store: Store, job_id: str) -> dict[str, Any] | None:
-    """Finalize the job if every shard is accounted for, or if it is being cancelled (each
-    shard that stops then refreshes the counts); returns the manifest if it finalized."""
+    """Finalize the job if every shard is accounted for (it has a results part or a recorded
+    failure, for the current retry round where one runs its rows), or at once if it is being
+    cancelled (each shard that stops then refreshes the counts); returns the manifest if it
+    finalized."""
     manifest = load_manifest(store, job_id)
-    if manifest["state"] not in ("cancelling", "cancelled"):
-        done = _done_shards(store, job_id)
-        accounted = done | set(_failures(store, job_id, done))
-        if len(accounted) < manifest["counts"]["shards_total"]:
+    if not _cancelled(store, job_id, manifest):
+        outcomes = list_outcomes(store, job_id)
+        failures = _failure_keys(store, job_id)
+        round_number, row_shards = retry_round(manifest)
+        if not all(_accounted(outcomes, failures, shard, round_number, row_shards)
+                   for shard in range(manifest["counts"]["shards_total"])):
             return None
     return finalize_job(store, job_id)
 
@@ -71,36 +101,76 @@ def _final_state(cancelled: bool, shards_total: int, missing_shards: list[int],
     return "completed", None
 
 
+# A finalizer counts again while parts keep appearing under it, at most this often.
+MAX_RECOUNTS = 5
+
+
+def _signature(store: Store, job_id: str) -> tuple:
+    """Every part and failure key: what a finalize counted, to notice a part written meanwhile."""
+    return (tuple(store.list(keys.results_prefix(job_id))),
+            tuple(store.list(keys.errors_prefix(job_id))),
+            tuple(store.list(keys.failures_prefix(job_id))))
+
+
 def finalize_job(store: Store, job_id: str) -> dict[str, Any]:
     """Write counts, usage totals, finished_at and the final state; returns the manifest.
 
-    The job fails if a shard recorded a failure (record_shard_failure) or left no
-    results; rows that failed are counted, not fatal. A cancel request makes it
-    cancelled. A job already in a final state keeps it (a repeated finalize only
-    refreshes the numbers).
+    The job fails if a shard recorded a failure (record_shard_failure), left no results,
+    or could not run the current retry round; rows that failed are counted, not fatal. A
+    cancel request makes it cancelled. A job already in a final state keeps it (a repeated
+    finalize only refreshes the numbers).
+
+    Two finalizers may race (the last two shards, a shard finishing just after a cancel):
+    each counts again after writing until what it counted is still all there is, so the
+    manifest written last always counts every part written before it.
     """
     manifest = load_manifest(store, job_id)
-    cancelled = manifest["state"] in ("cancelling", "cancelled")
+    cancelled = _cancelled(store, job_id, manifest)
     if manifest["state"] not in TERMINAL_STATES:
         manifest = update_manifest(store, job_id, state="finalizing")
+    for _ in range(MAX_RECOUNTS):
+        before = _signature(store, job_id)
+        changes = _final_changes(store, job_id, manifest, cancelled)
+        manifest = update_manifest(store, job_id, **changes)
+        if _signature(store, job_id) == before:
+            break
+    return manifest
 
-    done = _done_shards(store, job_id)
-    failures = _failures(store, job_id, done)
-    errors = [failures[shard] for shard in sorted(failures)]
-    # An errors part without its results part is from an attempt that did not finish.
-    error_keys = [key for key in store.list(keys.errors_prefix(job_id))
-                  if keys.shard_of_key(key) in done]
+
+
+def _final_changes(store: Store, job_id: str, manifest: dict[str, Any],
+                   cancelled: bool) -> dict[str, Any]:
+    outcomes = list_outcomes(store, job_id)
+    failures = _failure_keys(store, job_id)
+    round_number, row_shards = retry_round(manifest)
     shards_total = manifest["counts"]["shards_total"]
-    missing = [i for i in range(shards_total) if i not in done]
+    done = sorted(shard for shard, outcome in outcomes.items() if outcome.done)
+
+    errors = []
+    for (shard, attempt), key in sorted(failures.items()):
+        if attempt == 0 and shard not in done:
+            reason = _reason(store, key)
+        elif (attempt and attempt == round_number and shard in row_shards
+              and attempt not in outcomes[shard].results):
+            reason = _reason(store, key)
+            reason = reason and f"retry round {attempt} of shard {shard}: {reason}"
+        else:
+            continue
+        if reason is not None:
+            errors.append(reason)
+    missing = [i for i in range(shards_total)
+               if i not in outcomes or not outcomes[i].done]
 
     created = date.fromisoformat(manifest["created_at"][:10])
     today = datetime.now(timezone.utc).date()
-    records = [r for r in read_job_usage(store, job_id, created, today) if r.shard in done]
+    counted = {(shard, attempt) for shard in done for attempt in outcomes[shard].results}
+    usage = job_usage_parts(store, job_id, created, today)
+    records = [usage[part] for part in sorted(usage) if part in counted]
 
     changes: dict[str, Any] = {
         "counts": {
-            "succeeded_rows": sum(count_rows(store, keys.result_key(job_id, i)) for i in done),
-            "failed_rows": sum(count_rows(store, key) for key in error_keys),
+            "succeeded_rows": sum(count_succeeded(store, outcomes[shard]) for shard in done),
+            "failed_rows": sum(count_failed(store, outcomes[shard]) for shard in done),
             "shards_done": len(done),
         },
         "usage": usage_totals(records),
@@ -112,4 +182,4 @@ def finalize_job(store: Store, job_id: str) -> dict[str, Any]:
     if not manifest.get("started_at") and records:
         changes["started_at"] = min(r.started_at for r in records).isoformat(
             timespec="milliseconds")
-    return update_manifest(store, job_id, **changes)
+    return changes

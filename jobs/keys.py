@@ -6,6 +6,7 @@ key; the stores refuse such keys as a second line of defence.
 
 from __future__ import annotations
 
+import hashlib
 import re
 import uuid
 from datetime import date
@@ -14,12 +15,18 @@ from jobs.errors import UserError
 
 JOBS_PREFIX = "jobs/"
 USAGE_PREFIX = "usage/"
+IDEMPOTENCY_PREFIX = "idempotency/"
 # Five digits keep part files in shard order when listed; the planner refuses more shards.
 SHARD_DIGITS = 5
 MAX_SHARDS = 10**SHARD_DIGITS
 
+# Retries of a shard's failed rows are numbered by retry round: part-00003-r001.parquet.
+ATTEMPT_DIGITS = 3
+MAX_ATTEMPTS = 10**ATTEMPT_DIGITS
+
 _JOB_ID = re.compile(r"[0-9a-f]{32}")
-_SHARD_SUFFIX = re.compile(rf"-(\d{{{SHARD_DIGITS}}})\.(?:parquet|json)$")
+_SHARD_SUFFIX = re.compile(
+    rf"-(\d{{{SHARD_DIGITS}}})(?:-r(\d{{{ATTEMPT_DIGITS}}}))?\.(?:parquet|json)$")
 
 
 def new_job_id() -> str:
@@ -42,6 +49,14 @@ def _shard(index: int) -> str:
     return f"{index:0{SHARD_DIGITS}d}"
 
 
+def _attempt(attempt: int) -> str:
+    """"" for a shard's first run (attempt 0), "-rNNN" for a retry round's rerun of its rows."""
+    if (isinstance(attempt, bool) or not isinstance(attempt, int)
+            or not 0 <= attempt < MAX_ATTEMPTS):
+        raise ValueError(f"attempt must be an integer in [0, {MAX_ATTEMPTS}), got {attempt!r}")
+    return f"-r{attempt:0{ATTEMPT_DIGITS}d}" if attempt else ""
+
+
 def job_prefix(job_id: str) -> str:
     return f"{JOBS_PREFIX}{validate_job_id(job_id)}/"
 
@@ -58,20 +73,26 @@ def manifest_key(job_id: str) -> str:
     return job_prefix(job_id) + "manifest.json"
 
 
+def cancel_key(job_id: str) -> str:
+    """Present while a cancel stands: a marker that no manifest write can lose."""
+    return job_prefix(job_id) + "cancel.json"
+
+
 def results_prefix(job_id: str) -> str:
     return job_prefix(job_id) + "results/"
 
 
-def result_key(job_id: str, shard: int) -> str:
-    return f"{results_prefix(job_id)}part-{_shard(shard)}.parquet"
+def result_key(job_id: str, shard: int, attempt: int = 0) -> str:
+    """A shard's results part; attempt N >= 1: the rows retry round N ran again."""
+    return f"{results_prefix(job_id)}part-{_shard(shard)}{_attempt(attempt)}.parquet"
 
 
 def errors_prefix(job_id: str) -> str:
     return job_prefix(job_id) + "errors/"
 
 
-def error_key(job_id: str, shard: int) -> str:
-    return f"{errors_prefix(job_id)}part-{_shard(shard)}.parquet"
+def error_key(job_id: str, shard: int, attempt: int = 0) -> str:
+    return f"{errors_prefix(job_id)}part-{_shard(shard)}{_attempt(attempt)}.parquet"
 
 
 def progress_prefix(job_id: str) -> str:
@@ -86,9 +107,25 @@ def failures_prefix(job_id: str) -> str:
     return job_prefix(job_id) + "failures/"
 
 
-def failure_key(job_id: str, shard: int) -> str:
+def failure_key(job_id: str, shard: int, attempt: int = 0) -> str:
     """Where a shard that could not run at all (say, its model would not load) says why."""
-    return f"{failures_prefix(job_id)}shard-{_shard(shard)}.json"
+    return f"{failures_prefix(job_id)}shard-{_shard(shard)}{_attempt(attempt)}.json"
+
+
+def retries_prefix(job_id: str) -> str:
+    return job_prefix(job_id) + "retries/"
+
+
+def retry_round_key(job_id: str, round_number: int) -> str:
+    """The plan of retry round N, created once: two racing `retry` commands start one round."""
+    if round_number < 1:
+        raise ValueError(f"retry rounds start at 1, got {round_number}")
+    return f"{retries_prefix(job_id)}round{_attempt(round_number)}.json"
+
+
+def idempotency_key(key: str) -> str:
+    """The index object of a submit idempotency key: only a hash of it goes into the key."""
+    return f"{IDEMPOTENCY_PREFIX}{hashlib.sha256(key.encode()).hexdigest()}.json"
 
 
 def usage_prefix(day: date, job_id: str) -> str:
@@ -96,13 +133,18 @@ def usage_prefix(day: date, job_id: str) -> str:
     return f"{USAGE_PREFIX}date={day.isoformat()}/{validate_job_id(job_id)}-"
 
 
-def usage_key(day: date, job_id: str, shard: int) -> str:
-    return f"{usage_prefix(day, job_id)}{_shard(shard)}.parquet"
+def usage_key(day: date, job_id: str, shard: int, attempt: int = 0) -> str:
+    return f"{usage_prefix(day, job_id)}{_shard(shard)}{_attempt(attempt)}.parquet"
+
+
+def part_of_key(key: str) -> tuple[int, int]:
+    """(shard, attempt) of a part, failure, progress or usage key (attempt 0: the first run)."""
+    match = _SHARD_SUFFIX.search(key)
+    if match is None:
+        raise ValueError(f"not a per-shard key: {key!r}")
+    return int(match.group(1)), int(match.group(2) or 0)
 
 
 def shard_of_key(key: str) -> int:
     """The shard index in a part, progress or usage key (the inverse of the builders above)."""
-    match = _SHARD_SUFFIX.search(key)
-    if match is None:
-        raise ValueError(f"not a per-shard key: {key!r}")
-    return int(match.group(1))
+    return part_of_key(key)[0]

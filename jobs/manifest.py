@@ -4,6 +4,9 @@ States: validating -> queued -> running -> finalizing -> completed | failed | ca
 plus cancelling (asked to stop; shards stop at their next engine step). A finished job
 can go back to queued (retry). Any other change of state is refused.
 
+A cancel is also a marker object, jobs/<id>/cancel.json, which is what shards check: a
+manifest write racing the cancel (a shard marking the job running) could otherwise lose it.
+
 Writes are read-modify-write without a lock, so the last writer wins; only the
 submitter, the first shard to start (queued -> running), a cancel request and the
 finalizer write it, and each writes the fields it owns. The manifest never holds
@@ -91,11 +94,12 @@ def update_manifest(store: Store, job_id: str, **changes: Any) -> dict[str, Any]
 
 
 def mark_running(store: Store, job_id: str) -> dict[str, Any]:
-    """queued -> running, stamping started_at; any other state is left alone."""
+    """queued -> running, stamping started_at (first run only); other states are left alone."""
     manifest = load_manifest(store, job_id)
-    if manifest["state"] != "queued":
+    if manifest["state"] != "queued" or store.exists(keys.cancel_key(job_id)):
         return manifest
-    return update_manifest(store, job_id, state="running", started_at=utc_now())
+    return update_manifest(store, job_id, state="running",
+                           started_at=manifest.get("started_at") or utc_now())
 
 
 def request_cancel(store: Store, job_id: str) -> dict[str, Any]:
@@ -103,11 +107,18 @@ def request_cancel(store: Store, job_id: str) -> dict[str, Any]:
     manifest = load_manifest(store, job_id)
     if manifest["state"] not in ("validating", "queued", "running"):
         return manifest
+    put_json(store, keys.cancel_key(job_id), {"at": utc_now()})
     return update_manifest(store, job_id, state="cancelling")
 
 
 def cancel_requested(store: Store, job_id: str) -> bool:
-    return load_manifest(store, job_id)["state"] in ("cancelling", "cancelled")
+    """True once a cancel was asked for (and until a retry clears it): one HEAD request."""
+    return store.exists(keys.cancel_key(job_id))
+
+
+def clear_cancel(store: Store, job_id: str) -> None:
+    """A retry runs the job again: its old cancel must not stop the new run."""
+    store.delete(keys.cancel_key(job_id))
 
 
 def list_manifests(store: Store) -> list[dict[str, Any]]:

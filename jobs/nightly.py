@@ -43,6 +43,7 @@ import pyarrow as pa
 from jobs import keys, manifest
 from jobs.claims import create_once
 from jobs.errors import UserError
+from jobs.outcomes import merge_errors
 from jobs.results import write_results_file
 from jobs.store import NotFound, Store, get_json, put_json
 from jobs.tables import put_table, read_table
@@ -245,9 +246,8 @@ def _replace_outbox(store: Store, name: str, summary: dict[str, Any],
                 write_results_file(store, job_id, local)
                 store.upload_file(local, folder + "results.parquet")
             written.add(folder + "results.parquet")
-        error_parts = store.list(keys.errors_prefix(job_id))
-        if error_parts:
-            errors = pa.concat_tables([read_table(store, key) for key in error_parts])
+        errors = merge_errors(store, job_id)  # the rows failed now, after any retry
+        if errors is not None:
             put_table(store, folder + "errors.parquet", errors)
             written.add(folder + "errors.parquet")
     for key in store.list(folder):

@@ -1,10 +1,15 @@
-"""A job's results: its per-shard part files, merged in shard order (which is input order)."""
+"""A job's results: its per-shard part files, merged in shard order (which is input order).
+
+A shard whose failed rows were run again by a retry round has more than one part
+(jobs/outcomes.py); its rows are put back in input order when the parts are merged.
+"""
 
 from __future__ import annotations
 
 import itertools
 import os
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow as pa
@@ -12,37 +17,68 @@ import pyarrow.parquet as pq
 
 from jobs import keys
 from jobs.errors import UserError
+from jobs.outcomes import ShardOutcome, list_outcomes
+from jobs.planner import plan_shards
+from jobs.spec import input_layout, load_spec
 from jobs.store import Store
 from jobs.tables import read_table
 
 
-def _part_keys(store: Store, job_id: str) -> list[str]:
-    # Zero-padded shard numbers make the sorted listing the shard order.
-    part_keys = store.list(keys.results_prefix(job_id))
-    if not part_keys:
+def _outcomes(store: Store, job_id: str) -> list[ShardOutcome]:
+    outcomes = [o for _, o in sorted(list_outcomes(store, job_id).items()) if o.done]
+    if not outcomes:
         raise UserError(f"job {job_id} has no results yet")
-    return part_keys
+    return outcomes
+
+
+def _shard_tables(store: Store, job_id: str) -> Iterator[pa.Table]:
+    """Each finished shard's result rows, one table per shard, in input order."""
+    for outcome in _outcomes(store, job_id):
+        parts = [read_table(store, outcome.results[a]) for a in sorted(outcome.results)]
+        if len(parts) == 1:
+            yield parts[0]
+        else:
+            yield _in_input_order(store, job_id, outcome.shard, pa.concat_tables(parts))
+
+
+def _in_input_order(store: Store, job_id: str, shard_index: int, table: pa.Table) -> pa.Table:
+    """Sort a retried shard's rows by their place in the input (read from the input's id
+    column when the job has one; row numbers are their own place)."""
+    from jobs.runner import read_shard_rows
+
+    ids = table.column(0).to_pylist()
+    spec = load_spec(store, job_id)
+    if spec.id_column is None:
+        order = ids
+    else:
+        with store.open_read(keys.input_key(job_id)) as file:
+            parquet = pq.ParquetFile(file)
+            layout = input_layout(parquet.schema_arrow, spec)
+            shard = plan_shards(parquet.metadata, spec.shard_size)[shard_index]
+            input_ids = read_shard_rows(parquet, shard).column(layout.id_column).to_pylist()
+        place = {value: position for position, value in enumerate(input_ids)}
+        order = [place[value] for value in ids]
+    return table.take(pa.array(sorted(range(len(ids)), key=order.__getitem__), pa.int64()))
 
 
 def merge_results(store: Store, job_id: str) -> pa.Table:
     """Every finished shard's result rows in one table, in input order."""
-    return pa.concat_tables([read_table(store, key) for key in _part_keys(store, job_id)])
+    return pa.concat_tables(list(_shard_tables(store, job_id)))
 
 
 def write_results_file(store: Store, job_id: str, out_path: str | Path) -> int:
-    """Write the merged results to a local Parquet file, one part in memory at a time.
+    """Write the merged results to a local Parquet file, one shard in memory at a time.
 
     The file appears whole or not at all. Returns the number of rows written.
     """
-    part_keys = _part_keys(store, job_id)
-    first = read_table(store, part_keys[0])
+    tables = _shard_tables(store, job_id)
+    first = next(tables)
     out = Path(out_path)
     temp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex}")
     rows = 0
     try:
         with pq.ParquetWriter(temp, first.schema) as writer:
-            parts = itertools.chain([first], (read_table(store, key) for key in part_keys[1:]))
-            for part in parts:
+            for part in itertools.chain([first], tables):
                 writer.write_table(part)
                 rows += part.num_rows
         os.replace(temp, out)

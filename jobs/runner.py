@@ -3,10 +3,21 @@
 Exactly once: a shard whose results part exists is done, and running it again does
 nothing. The results part is written last, after the errors part and the usage record,
 so its existence means the whole shard is in the store. On cancel nothing is written.
+
+A retry round (attempt N >= 1, see jobs/retry.py) runs only the shard's rows that failed
+for a transient reason, into parts of their own (jobs/outcomes.py says how they count).
+
+Out of memory during an engine step (the batch was too big for the device): every
+request in flight is aborted, the cap on requests in flight is halved and the rows go
+back in; a row that runs out of memory even alone becomes an error row of kind
+"transient" (retry it on a bigger worker, or after lowering the token budget), and after
+MAX_LONE_OOM_ROWS such rows in a row the shard fails with the reason.
 """
 
 from __future__ import annotations
 
+import gc
+import logging
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -17,7 +28,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from engine import LLM, RequestOutput, SamplingParams
-from jobs import keys, settings
+from jobs import keys, limits, settings
+from jobs.faults import is_out_of_memory
+from jobs.outcomes import ERROR_KIND_COLUMN, INVALID, TRANSIENT, list_outcomes, transient_ids
 from jobs.planner import Shard, plan_shards, row_group_bounds
 from jobs.progress import write_progress
 from jobs.spec import (
@@ -32,6 +45,8 @@ from jobs.store import Store
 from jobs.tables import count_rows, put_table
 from jobs.usage import batch_fill, make_usage_record, write_usage
 
+log = logging.getLogger(__name__)
+
 PROGRESS_SECONDS = 2.0
 # should_cancel may read the store, so it is asked at most this often, not at every step.
 CANCEL_CHECK_SECONDS = 1.0
@@ -39,22 +54,40 @@ CANCEL_CHECK_SECONDS = 1.0
 # refill the batch as sequences finish, few enough to keep memory bounded.
 IN_FLIGHT_PER_SEQ_SLOT = 2
 READ_BATCH_ROWS = 1024
+# A shard gives up when this many rows in a row ran out of memory even alone: the engine
+# cannot run anything on this worker, and the failure should say so.
+MAX_LONE_OOM_ROWS = 3
 
 ProgressCallback = Callable[[int, int, float, float], None]
 
 
-def run_shard(store: Store, job_id: str, shard_index: int, llm: LLM, *, worker: str = "",
-              on_progress: ProgressCallback | None = None,
+class ShardOutOfMemory(RuntimeError):
+    """The engine ran out of memory even with one request in flight, row after row."""
+
+
+def run_shard(store: Store, job_id: str, shard_index: int, llm: LLM, *, attempt: int = 0,
+              worker: str = "", on_progress: ProgressCallback | None = None,
               should_cancel: Callable[[], bool] | None = None) -> dict[str, Any]:
     """Run shard shard_index of job job_id through llm; returns a summary.
 
-    Summary: shard, rows, succeeded, failed, prompt_tokens, completion_tokens, tokens,
-    skipped (the shard was already done), cancelled (should_cancel said stop; nothing
-    was written). on_progress(done, total, tokens_per_second, batch_fill) is called about
-    every PROGRESS_SECONDS, when the shard's progress object is rewritten.
+    attempt 0 runs the whole shard; attempt N >= 1 (retry round N) runs again only its rows
+    that failed for a transient reason in earlier attempts.
+
+    Summary: shard, attempt, rows, succeeded, failed, prompt_tokens, completion_tokens,
+    tokens, skipped (already done), cancelled (should_cancel said stop; nothing was
+    written), oom_retries (times the batch was cut because memory ran out).
+    on_progress(done, total, tokens_per_second, batch_fill) is called about every
+    PROGRESS_SECONDS, when the shard's progress object is rewritten.
     """
-    if store.exists(keys.result_key(job_id, shard_index)):
-        return _already_done(store, job_id, shard_index)
+    if store.exists(keys.result_key(job_id, shard_index, attempt)):
+        return _already_done(store, job_id, shard_index, attempt)
+    retry_ids = None
+    if attempt:
+        outcome = list_outcomes(store, job_id).get(shard_index)
+        if outcome is None or not outcome.done:
+            raise ValueError(f"shard {shard_index} of job {job_id} has not run yet; "
+                             f"it cannot be retried row by row")
+        retry_ids = transient_ids(store, outcome, before=attempt)
     spec = load_spec(store, job_id)
     with store.open_read(keys.input_key(job_id)) as file:
         parquet = pq.ParquetFile(file)
@@ -64,11 +97,26 @@ def run_shard(store: Store, job_id: str, shard_index: int, llm: LLM, *, worker: 
         shard = plan[shard_index]
         layout = input_layout(parquet.schema_arrow, spec)
         rows = read_shard_rows(parquet, shard)
+    row_numbers = pa.array(range(shard.row_start, shard.row_end), pa.int64())
+    if retry_ids is not None:
+        rows, row_numbers = _select_rows(rows, row_numbers, layout, retry_ids)
 
-    run = _ShardRun(store, job_id, shard, llm, spec, layout, rows, on_progress, should_cancel)
+    run = _ShardRun(store, job_id, shard, attempt, llm, spec, layout, rows, row_numbers,
+                    on_progress, should_cancel)
     if not run.generate():
-        return _summary(shard_index, rows=shard.num_rows, cancelled=True)
+        return _summary(shard_index, attempt, rows=rows.num_rows, cancelled=True,
+                        oom_retries=run.oom_retries)
     return run.write(worker)
+
+
+def _select_rows(rows: pa.Table, row_numbers: pa.Array, layout: InputLayout,
+                 ids: list) -> tuple[pa.Table, pa.Array]:
+    """The rows (and their file row numbers) whose result id is in ids."""
+    values = (rows.column(layout.id_column) if layout.id_column is not None
+              else row_numbers).to_pylist()
+    wanted = set(ids)
+    mask = pa.array([value in wanted for value in values], pa.bool_())
+    return rows.filter(mask), row_numbers.filter(mask)
 
 
 def read_shard_rows(parquet: pq.ParquetFile, shard: Shard) -> pa.Table:
@@ -89,36 +137,46 @@ def read_shard_rows(parquet: pq.ParquetFile, shard: Shard) -> pa.Table:
     return pa.Table.from_batches(pieces, schema=parquet.schema_arrow)
 
 
-def _summary(shard: int, *, rows: int, succeeded: int = 0, failed: int = 0,
+def _summary(shard: int, attempt: int = 0, *, rows: int, succeeded: int = 0, failed: int = 0,
              prompt_tokens: int = 0, completion_tokens: int = 0, skipped: bool = False,
-             cancelled: bool = False) -> dict[str, Any]:
-    return {"shard": shard, "rows": rows, "succeeded": succeeded, "failed": failed,
-            "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "tokens": prompt_tokens + completion_tokens, "skipped": skipped,
-            "cancelled": cancelled}
+             cancelled: bool = False, oom_retries: int = 0) -> dict[str, Any]:
+    return {"shard": shard, "attempt": attempt, "rows": rows, "succeeded": succeeded,
+            "failed": failed, "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens, "tokens": prompt_tokens + completion_tokens,
+            "skipped": skipped, "cancelled": cancelled, "oom_retries": oom_retries}
 
 
-def _already_done(store: Store, job_id: str, shard_index: int) -> dict[str, Any]:
-    succeeded = count_rows(store, keys.result_key(job_id, shard_index))
-    error_key = keys.error_key(job_id, shard_index)
+def _already_done(store: Store, job_id: str, shard_index: int, attempt: int) -> dict[str, Any]:
+    succeeded = count_rows(store, keys.result_key(job_id, shard_index, attempt))
+    error_key = keys.error_key(job_id, shard_index, attempt)
     failed = count_rows(store, error_key) if store.exists(error_key) else 0
-    return _summary(shard_index, rows=succeeded + failed, succeeded=succeeded, failed=failed,
-                    skipped=True)
+    return _summary(shard_index, attempt, rows=succeeded + failed, succeeded=succeeded,
+                    failed=failed, skipped=True)
 
 
-def _prompt_text(value: Any, layout: InputLayout, llm: LLM) -> str:
-    """The prompt for one row's text or messages value; ValueError says why there is none."""
+def _check_length(chars: int, limit: int) -> None:
+    if chars > limit:
+        raise ValueError(f"prompt has {chars} characters, more than the limit of {limit} "
+                         f"(BATCHINFER_MAX_PROMPT_CHARS)")
+
+
+def _prompt_text(value: Any, layout: InputLayout, llm: LLM, max_chars: int) -> str:
+    """The prompt for one row's text or messages value; ValueError says why there is none.
+
+    The length limit is checked before tokenizing: a huge prompt costs nothing to refuse."""
     if not layout.is_messages:
         if value is None:
             raise ValueError("prompt is null")
         if not value:
             raise ValueError("prompt is empty")
+        _check_length(len(value), max_chars)
         return value
     if not value:
         raise ValueError("messages are null or empty")
     for number, message in enumerate(value):
         if message is None or not message.get("role") or message.get("content") is None:
             raise ValueError(f"message {number} has no role or no content")
+    _check_length(sum(len(m["content"]) for m in value), max_chars)
     try:
         return llm.tokenizer.apply_chat_template(value, tokenize=False, add_generation_prompt=True)
     except Exception as error:  # the template is the model's code: any failure is this row's
@@ -128,15 +186,19 @@ def _prompt_text(value: Any, layout: InputLayout, llm: LLM) -> str:
 class _ShardRun:
     """One shard's trip through the engine, then the writing of what came out."""
 
-    def __init__(self, store: Store, job_id: str, shard: Shard, llm: LLM, spec: JobSpec,
-                 layout: InputLayout, rows: pa.Table, on_progress: ProgressCallback | None,
+    def __init__(self, store: Store, job_id: str, shard: Shard, attempt: int, llm: LLM,
+                 spec: JobSpec, layout: InputLayout, rows: pa.Table, row_numbers: pa.Array,
+                 on_progress: ProgressCallback | None,
                  should_cancel: Callable[[], bool] | None) -> None:
-        self.store, self.job_id, self.shard, self.llm = store, job_id, shard, llm
-        self.spec, self.layout, self.rows = spec, layout, rows
+        self.store, self.job_id, self.shard, self.attempt = store, job_id, shard, attempt
+        self.llm, self.spec, self.layout = llm, spec, layout
+        self.rows, self.row_numbers = rows, row_numbers
         self.on_progress, self.should_cancel = on_progress, should_cancel
-        self.outputs: dict[int, RequestOutput] = {}  # by position in the shard
-        self.errors: dict[int, str] = {}
+        self.outputs: dict[int, RequestOutput] = {}  # by position in self.rows
+        self.errors: dict[int, tuple[str, str]] = {}  # position -> (reason, kind)
         self.tokens_done = 0
+        self.oom_retries = 0
+        self.max_chars = limits.max_prompt_chars()
         # Set when generate() starts and ends.
         self.stats_before: dict[str, Any] = {}
         self.started_at = self.finished_at = datetime.now(timezone.utc)
@@ -158,7 +220,7 @@ class _ShardRun:
     def _prepare(self, text: Any, overrides: dict[str, Any]
                  ) -> tuple[str | None, SamplingParams | None, str | None]:
         try:
-            prompt = _prompt_text(text, self.layout, self.llm)
+            prompt = _prompt_text(text, self.layout, self.llm, self.max_chars)
         except ValueError as error:
             return None, None, str(error)
         try:
@@ -170,8 +232,15 @@ class _ShardRun:
         """Stream the rows through the engine; False if cancelled (in-flight rows aborted)."""
         llm = self.llm
         limit = IN_FLIGHT_PER_SEQ_SLOT * llm.scheduler.max_num_seqs
+        cap = limit  # lowered when a step runs out of memory
+        first_oom_cap: int | None = None
+        lone_oom_rows = 0
         requests = self._requests()
+        # Rows taken back from the engine after it ran out of memory, to add again first.
+        pending: list[tuple[int, str, SamplingParams]] = []
+        prepared: dict[int, tuple[str, SamplingParams]] = {}  # in flight, to take back
         in_flight: dict[str, int] = {}
+        request_number = 0
         more_rows = True
         self.stats_before = llm.stats()
         self.started_at = datetime.now(timezone.utc)
@@ -181,37 +250,77 @@ class _ShardRun:
         self._report_progress()
         try:
             while True:
-                while more_rows and len(in_flight) < limit:
-                    item = next(requests, None)
-                    if item is None:
-                        more_rows = False
-                        break
-                    position, prompt, params, error = item
+                while len(in_flight) < cap and (pending or more_rows):
+                    if pending:
+                        position, prompt, params = pending.pop(0)
+                        error = None
+                    else:
+                        item = next(requests, None)
+                        if item is None:
+                            more_rows = False
+                            break
+                        position, prompt, params, error = item
                     if error is None:
-                        request_id = f"{self.job_id}-{self.shard.index:05d}-{position}"
+                        # A fresh id per try: an aborted try's output may still come out.
+                        request_id = (f"{self.job_id}-{self.shard.index:05d}-{self.attempt}-"
+                                      f"{position}-{request_number}")
+                        request_number += 1
                         try:
                             llm.add_request(request_id, prompt, params)
                             in_flight[request_id] = position
+                            prepared[position] = (prompt, params)
                             continue
                         except ValueError as rejected:  # can never run: too long, say
                             error = str(rejected)
-                    self.errors[position] = error
+                    self.errors[position] = (error, INVALID)
                 if not in_flight:
                     break
                 now = time.monotonic()
                 if self.should_cancel and now - last_cancel_check >= CANCEL_CHECK_SECONDS:
                     last_cancel_check = now
-                    if self.should_cancel():
+                    if self._cancel_requested():
                         return False
-                for output in llm.step():
+                try:
+                    finished = llm.step()
+                except Exception as error:
+                    if not is_out_of_memory(error):
+                        raise
+                    reason = f"out of memory: {type(error).__name__}: {error}"
+                    del error  # its traceback holds the step's tensors
+                    taken_back = self._take_back(in_flight, prepared)
+                    self.oom_retries += 1
+                    if len(taken_back) > 1:
+                        first_oom_cap = first_oom_cap or len(taken_back)
+                        cap = max(1, min(cap, len(taken_back)) // 2)
+                        log.warning("shard %s: %s; %d requests were in flight, now at most %d",
+                                    self.shard.index, reason, len(taken_back), cap)
+                        pending = taken_back + pending
+                        continue
+                    # Out of memory alone: this row cannot run here. Let the others go on.
+                    position = taken_back[0][0]
+                    lone_oom_rows += 1
+                    log.warning("shard %s: row %d %s, even alone", self.shard.index,
+                                position, reason)
+                    if lone_oom_rows >= MAX_LONE_OOM_ROWS:
+                        raise ShardOutOfMemory(
+                            f"{lone_oom_rows} rows in a row ran out of memory even alone "
+                            f"(last: {reason}); lower BATCHINFER_MAX_NUM_BATCHED_TOKENS or "
+                            f"BATCHINFER_KV_CACHE_MEMORY, or use a bigger device") from None
+                    self.errors[position] = (f"{reason} (even alone)", TRANSIENT)
+                    cap = max(1, (first_oom_cap or limit) // 2)
+                    continue
+                for output in finished:
                     position = in_flight.pop(output.request_id, None)
                     if position is None:
-                        continue  # a request left over from an earlier, aborted shard
+                        continue  # a request left over from an earlier, aborted try
+                    prepared.pop(position, None)
+                    lone_oom_rows = 0
                     if output.finish_reason in ("stop", "length"):
                         self.outputs[position] = output
                         self.tokens_done += output.prompt_tokens + output.completion_tokens
-                    else:
-                        self.errors[position] = output.error or f"request {output.finish_reason}"
+                    else:  # the engine failed on this row at run time: worth another try
+                        self.errors[position] = (output.error or f"request {output.finish_reason}",
+                                                 TRANSIENT)
                 if time.monotonic() - last_progress >= PROGRESS_SECONDS:
                     last_progress = time.monotonic()
                     self._report_progress()
@@ -224,15 +333,43 @@ class _ShardRun:
         self._report_progress()
         return True
 
+    def _take_back(self, in_flight: dict[str, int],
+                   prepared: dict[int, tuple[str, SamplingParams]]
+                   ) -> list[tuple[int, str, SamplingParams]]:
+        """Abort every request in flight (the engine is left empty and consistent) and return
+        them, in row order, to be added again."""
+        for request_id in in_flight:
+            self.llm.abort_request(request_id)
+        positions = sorted(in_flight.values())
+        in_flight.clear()
+        self.llm.step()  # hands back the aborted requests' outputs; runs nothing
+        gc.collect()
+        _release_device_memory(self.llm)
+        return [(p, *prepared.pop(p)) for p in positions]
+
+    def _cancel_requested(self) -> bool:
+        """Ask should_cancel; a failure to ask (the store unreachable) means "go on"."""
+        try:
+            return bool(self.should_cancel())
+        except Exception as error:
+            log.warning("shard %s: could not check for a cancel: %s", self.shard.index,
+                        settings.mask_secrets(str(error)))
+            return False
+
     def _report_progress(self) -> None:
+        """Write the shard's progress; progress is advice, so a failure only logs."""
         elapsed = time.monotonic() - self.start
         tokens_per_second = self.tokens_done / elapsed if elapsed > 0 else 0.0
         fill = batch_fill(self.stats_before, self.llm.stats())
         done = len(self.outputs) + len(self.errors)
-        write_progress(self.store, self.job_id, self.shard.index, done, self.shard.num_rows,
-                       tokens_per_second, fill)
+        try:
+            write_progress(self.store, self.job_id, self.shard.index, done, self.rows.num_rows,
+                           tokens_per_second, fill)
+        except Exception as error:
+            log.warning("shard %s: progress not written: %s", self.shard.index,
+                        settings.mask_secrets(str(error)))
         if self.on_progress is not None:
-            self.on_progress(done, self.shard.num_rows, tokens_per_second, fill)
+            self.on_progress(done, self.rows.num_rows, tokens_per_second, fill)
 
     def _take(self, column: str, positions: list[int]) -> pa.ChunkedArray:
         # Typed indices: an empty Python list would be a null-typed array `take` refuses.
@@ -241,35 +378,41 @@ class _ShardRun:
     def _ids(self, positions: list[int]) -> pa.Array | pa.ChunkedArray:
         if self.layout.id_column is not None:
             return self._take(self.layout.id_column, positions)
-        return pa.array([self.shard.row_start + p for p in positions], pa.int64())
+        return self.row_numbers.take(pa.array(positions, pa.int64()))
 
     def write(self, worker: str) -> dict[str, Any]:
-        """Write errors, usage, then results (last: its existence marks the shard done)."""
-        store, job_id, index = self.store, self.job_id, self.shard.index
+        """Write errors, usage, then results (last: its existence marks the attempt done)."""
+        store, job_id, index, attempt = self.store, self.job_id, self.shard.index, self.attempt
         id_column = self.layout.result_id_column
         error_positions = sorted(self.errors)
+        error_key = keys.error_key(job_id, index, attempt)
         if error_positions:
-            put_table(store, keys.error_key(job_id, index), pa.table({
+            put_table(store, error_key, pa.table({
                 id_column: self._ids(error_positions),
-                ERROR_COLUMN: pa.array([self.errors[p] for p in error_positions], pa.string()),
+                ERROR_COLUMN: pa.array([self.errors[p][0] for p in error_positions],
+                                       pa.string()),
+                ERROR_KIND_COLUMN: pa.array([self.errors[p][1] for p in error_positions],
+                                            pa.string()),
             }))
-        else:  # an earlier attempt's errors must not be counted with this attempt's results
-            store.delete(keys.error_key(job_id, index))
+        else:  # an earlier try's errors must not be counted with this try's results
+            store.delete(error_key)
 
         positions = sorted(self.outputs)
         outputs = [self.outputs[p] for p in positions]
         prompt_tokens = sum(o.prompt_tokens for o in outputs)
         completion_tokens = sum(o.completion_tokens for o in outputs)
+        stats = self.llm.stats()
         write_usage(store, make_usage_record(
             job_id=job_id, shard=index, model=self.spec.model,
             quantization=self.llm.quantization, worker=worker, device=str(self.llm.device),
-            rows=self.shard.num_rows, prompt_tokens=prompt_tokens,
+            rows=self.rows.num_rows, prompt_tokens=prompt_tokens,
             completion_tokens=completion_tokens,
             cached_tokens=sum(o.cached_tokens for o in outputs),
             started_at=self.started_at, finished_at=self.finished_at,
             busy_seconds=self.busy_seconds,
-            mean_batch_fill=batch_fill(self.stats_before, self.llm.stats()),
-            hourly_usd=settings.gpu_hourly_usd()))
+            mean_batch_fill=batch_fill(self.stats_before, stats),
+            hourly_usd=settings.gpu_hourly_usd(), weight_bytes=stats.get("weight_bytes")),
+            attempt=attempt)
 
         columns = {id_column: self._ids(positions)}
         for name in self.layout.passthrough_columns:
@@ -281,7 +424,15 @@ class _ShardRun:
             completion_tokens=pa.array([o.completion_tokens for o in outputs], pa.int64()),
             cached_tokens=pa.array([o.cached_tokens for o in outputs], pa.int64()),
         )
-        put_table(store, keys.result_key(job_id, index), pa.table(columns))
-        return _summary(index, rows=self.shard.num_rows, succeeded=len(positions),
+        put_table(store, keys.result_key(job_id, index, attempt), pa.table(columns))
+        return _summary(index, attempt, rows=self.rows.num_rows, succeeded=len(positions),
                         failed=len(error_positions), prompt_tokens=prompt_tokens,
-                        completion_tokens=completion_tokens)
+                        completion_tokens=completion_tokens, oom_retries=self.oom_retries)
+
+
+def _release_device_memory(llm: LLM) -> None:
+    """Give the CUDA caching allocator's free blocks back after running out of memory."""
+    import torch
+
+    if getattr(llm.device, "type", None) == "cuda" and torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from jobs import keys
+from jobs import keys, limits
 from jobs.errors import UserError
 from jobs.store import NotFound, Store, get_json, put_json
 
@@ -127,6 +127,10 @@ def sampling_kwargs(spec: JobSpec, overrides: dict[str, Any]) -> dict[str, Any]:
         kwargs[name] = _number(name, values[name])
     if kwargs["max_tokens"] < 1:
         raise ValueError(f"max_tokens must be at least 1, got {kwargs['max_tokens']}")
+    ceiling = limits.max_tokens_limit()
+    if kwargs["max_tokens"] > ceiling:
+        raise ValueError(f"max_tokens {kwargs['max_tokens']} is over the limit of {ceiling} "
+                         f"(BATCHINFER_MAX_TOKENS_LIMIT)")
     if kwargs["temperature"] < 0:
         raise ValueError(f"temperature must be >= 0, got {kwargs['temperature']}")
     if not 0 < kwargs["top_p"] <= 1:
@@ -284,13 +288,33 @@ def _check_unique_ids(parquet: pq.ParquetFile, column: str) -> None:
         raise UserError(f"id column {column!r} is not unique: {repeated!r} appears more than once")
 
 
+def _input_size(source: str | Path | BinaryIO) -> int | None:
+    if isinstance(source, (str, Path)):
+        try:
+            return Path(source).stat().st_size
+        except OSError:
+            return None  # _open_parquet says what is wrong with it
+    try:
+        position = source.tell()
+        size = source.seek(0, 2)
+        source.seek(position)
+        return size
+    except (AttributeError, OSError):
+        return None
+
+
 def validate_input(source: str | Path | BinaryIO, spec: JobSpec) -> InputInfo:
-    """Check that source is a Parquet file the spec can run; UserError if not."""
+    """Check that source is a Parquet file the spec can run, within the limits
+    (jobs/limits.py); UserError if not."""
+    size = _input_size(source)
+    if size is not None:
+        limits.check_input_size(size)
     parquet = _open_parquet(source)
     layout = input_layout(parquet.schema_arrow, spec)
     num_rows = parquet.metadata.num_rows
     if num_rows == 0:
         raise UserError("input has no rows")
+    limits.check_input_rows(num_rows)
     if layout.id_column is not None:
         _check_unique_ids(parquet, layout.id_column)
     return InputInfo(layout=layout, num_rows=num_rows, metadata=parquet.metadata)

@@ -26,6 +26,7 @@ TEMP_MARK = ".tmp-"
 MULTIPART_BYTES = 8 * 1024 * 1024
 # Enough to make one ranged GET worth its round trip without reading far past a column chunk.
 RANGE_READ_BUFFER_BYTES = 256 * 1024
+S3_MAX_ATTEMPTS = 10
 
 
 class NotFound(KeyError):
@@ -75,6 +76,14 @@ class Store(ABC):
     @abstractmethod
     def put_bytes(self, key: str, data: bytes) -> None:
         """Write an object atomically (replacing any old one)."""
+
+    @abstractmethod
+    def create_once(self, key: str, data: bytes) -> bool:
+        """Write an object only if nothing is at key; True if this call created it.
+
+        Of any number of racing callers exactly one wins, and readers see the object whole.
+        (S3: PutObject with If-None-Match: *; a folder: link(2), which never replaces.)
+        """
 
     @abstractmethod
     def get_bytes(self, key: str) -> bytes:
@@ -168,6 +177,24 @@ class FileStore(Store):
 
         self._publish(self._path(key), write)
 
+    def create_once(self, key: str, data: bytes) -> bool:
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # A hidden temp file linked to the final name: link(2) is atomic and fails if the
+        # name exists, so the write is exclusive and never seen half-done.
+        temp = path.with_name(f"{TEMP_MARK}{uuid.uuid4().hex}-{path.name}")
+        try:
+            with open(temp, "wb") as out:
+                out.write(data)
+                out.flush()
+                os.fsync(out.fileno())
+            os.link(temp, path)
+        except FileExistsError:
+            return False
+        finally:
+            temp.unlink(missing_ok=True)
+        return True
+
     def get_bytes(self, key: str) -> bytes:
         try:
             return self._path(key).read_bytes()
@@ -232,6 +259,10 @@ def _is_not_found(error: Exception) -> bool:
             and error.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"))
 
 
+# S3's answers to a conditional put that lost: the key exists (412), or another
+# conditional write to it is in flight (409).
+_LOST_RACE_CODES = ("PreconditionFailed", "ConditionalRequestConflict")
+
 _CREDENTIAL_VARIABLES = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
                          "AWS_DEFAULT_REGION")
 
@@ -246,9 +277,13 @@ def _s3_client(endpoint: str | None, *environment: str | None):
     import boto3
     from botocore.config import Config
 
+    # Standard retry mode: throttling, 5xx, refused, dropped and timed-out connections are
+    # tried again with jittered exponential backoff (up to 20 s apart), which rides out an
+    # outage of about a minute; the worker retries whole shards beyond that
+    # (workers/tasks.py). Short connect timeouts notice a dead endpoint quickly.
     config = Config(
-        retries={"mode": "standard", "max_attempts": 8},
-        connect_timeout=10,
+        retries={"mode": "standard", "max_attempts": S3_MAX_ATTEMPTS},
+        connect_timeout=5,
         read_timeout=120,
         # MinIO and moto serve buckets by path, not by virtual host.
         s3={"addressing_style": "path" if endpoint else "auto"},
@@ -304,6 +339,18 @@ class S3Store(Store):
     def put_bytes(self, key: str, data: bytes) -> None:
         self._publish(key, len(data), lambda temp: self.client.put_object(
             Bucket=self.bucket, Key=temp, Body=data))
+
+    def create_once(self, key: str, data: bytes) -> bool:
+        from botocore.exceptions import ClientError
+
+        try:
+            self.client.put_object(Bucket=self.bucket, Key=self._full(check_key(key)), Body=data,
+                                   IfNoneMatch="*")
+        except ClientError as error:
+            if error.response.get("Error", {}).get("Code") in _LOST_RACE_CODES:
+                return False
+            raise
+        return True
 
     def upload_file(self, local_path: str | Path, key: str) -> None:
         self._publish(key, os.path.getsize(local_path), lambda temp: self.client.upload_file(

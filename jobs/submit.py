@@ -1,22 +1,46 @@
-"""Create a job: validate the input, then upload it with the spec and a queued manifest."""
+"""Create a job: validate the input, then upload it with the spec and a queued manifest.
+
+With an idempotency key, a key already used gives back the job it made instead of a new
+one. The key's index object, `idempotency/<sha256 of the key>.json`, is created with a
+create-once write, so of any number of racing submits exactly one creates the job and
+the others return it. A submit whose input turns out invalid removes the index, so the
+key can be used again with a corrected file.
+"""
 
 from __future__ import annotations
 
+import json
 import tempfile
+import time
+from collections.abc import Callable
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from jobs import keys
-from jobs.manifest import new_manifest, save_manifest
+from jobs.errors import UserError
+from jobs.manifest import new_manifest, save_manifest, utc_now
 from jobs.planner import Shard, plan_shards
-from jobs.spec import JobSpec, save_spec, validate_input
-from jobs.store import Store
+from jobs.spec import JobSpec, load_spec, save_spec, validate_input
+from jobs.store import NotFound, Store, get_json, put_json
+
+# A racing submit waits this long for the winner to finish creating the job.
+IDEMPOTENCY_WAIT_SECONDS = 60.0
+# An index whose job never got a manifest for this long belongs to a submit that died.
+STALE_INDEX_SECONDS = 3600.0
+# A job whose manifest is this old but whose shards were never marked queued: the submit
+# died between the two, so queueing them again is safe (shards run exactly once anyway).
+UNQUEUED_SECONDS = 60.0
+_POLL_SECONDS = 0.2
+
+# enqueue(job_id, shards): put the job's shards on the broker.
+Enqueue = Callable[[str, list[Shard]], None]
 
 
-def create_job(store: Store, source: str | Path | pa.Table,
-               spec: JobSpec) -> tuple[str, list[Shard]]:
+def create_job(store: Store, source: str | Path | pa.Table, spec: JobSpec,
+               job_id: str | None = None) -> tuple[str, list[Shard]]:
     """Validate source against spec and store a new queued job; returns its id and shards.
 
     Nothing is uploaded unless the input is valid. The manifest is written last, so a job
@@ -30,8 +54,70 @@ def create_job(store: Store, source: str | Path | pa.Table,
             path = Path(source)
         info = validate_input(path, spec)
         shards = plan_shards(info.metadata, spec.shard_size)
-        job_id = keys.new_job_id()
+        job_id = keys.validate_job_id(job_id) if job_id else keys.new_job_id()
         store.upload_file(path, keys.input_key(job_id))
     save_spec(store, job_id, spec)
     save_manifest(store, job_id, new_manifest(job_id, spec.model, info.num_rows, len(shards)))
     return job_id, shards
+
+
+def submit_job(store: Store, source: str | Path | pa.Table, spec: JobSpec,
+               enqueue: Enqueue) -> tuple[str, bool]:
+    """Create the job and queue its shards; (job_id, True if this call created it).
+
+    With spec.idempotency_key, a key already used returns its job (created False).
+    """
+    if spec.idempotency_key is None:
+        job_id, shards = create_job(store, source, spec)
+        enqueue(job_id, shards)
+        return job_id, True
+    index_key = keys.idempotency_key(spec.idempotency_key)
+    deadline = time.monotonic() + IDEMPOTENCY_WAIT_SECONDS
+    while True:
+        index = _read(store, index_key)
+        if index is None:
+            job_id = keys.new_job_id()
+            claim = {"job_id": job_id, "claimed_at": utc_now(), "queued": False}
+            if not store.create_once(index_key, json.dumps(claim).encode()):
+                continue  # another submit won the race: take its job
+            try:
+                job_id, shards = create_job(store, source, spec, job_id=job_id)
+            except BaseException:
+                store.delete(index_key)  # the key is free again for a corrected input
+                raise
+            enqueue(job_id, shards)
+            put_json(store, index_key, {**claim, "queued": True})
+            return job_id, True
+        job_id = index["job_id"]
+        if index.get("queued"):
+            return job_id, False
+        manifest = _read(store, keys.manifest_key(job_id))
+        if manifest is not None and _age(manifest["created_at"]) > UNQUEUED_SECONDS:
+            _requeue(store, job_id, enqueue)  # its submit died after creating it
+            put_json(store, index_key, {**index, "queued": True})
+            return job_id, False
+        if manifest is None and _age(index["claimed_at"]) > STALE_INDEX_SECONDS:
+            store.delete(index_key)  # its submit died before creating the job
+            continue
+        if time.monotonic() > deadline:
+            raise UserError(f"a job with this idempotency key is still being created "
+                            f"(job {job_id}); try again shortly")
+        time.sleep(_POLL_SECONDS)
+
+
+def _read(store: Store, key: str) -> dict | None:
+    try:
+        return get_json(store, key)
+    except NotFound:
+        return None
+
+
+def _age(stamp: str) -> float:
+    return (datetime.now(timezone.utc) - datetime.fromisoformat(stamp)).total_seconds()
+
+
+def _requeue(store: Store, job_id: str, enqueue: Enqueue) -> None:
+    spec = load_spec(store, job_id)
+    with store.open_read(keys.input_key(job_id)) as file:
+        shards = plan_shards(pq.ParquetFile(file).metadata, spec.shard_size)
+    enqueue(job_id, shards)

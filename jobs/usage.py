@@ -1,4 +1,5 @@
-"""Usage records: one per shard, in usage/date=YYYY-MM-DD/<job_id>-NNNNN.parquet.
+"""Usage records: one per shard, in usage/date=YYYY-MM-DD/<job_id>-NNNNN.parquet, and one
+per retry of a shard's rows (round R), in ...-NNNNN-rRRR.parquet: a retry is work, and costs.
 
 Conventions used here and in the manifest's usage totals:
 - tokens = prompt_tokens + completion_tokens (cached prompt tokens are part of prompt_tokens);
@@ -41,6 +42,7 @@ USAGE_SCHEMA = pa.schema([
     ("mean_batch_fill", pa.float64()),
     ("cost_usd", pa.float64()),
     ("cost_per_million_tokens", pa.float64()),
+    ("weight_bytes", pa.int64()),  # the engine's stats()["weight_bytes"]; null if not known
 ])
 
 
@@ -63,6 +65,7 @@ class UsageRecord:
     mean_batch_fill: float
     cost_usd: float
     cost_per_million_tokens: float
+    weight_bytes: int | None = None  # bytes of weights the engine held (packed if quantized)
 
 
 def batch_fill(stats_before: dict[str, Any], stats_after: dict[str, Any]) -> float:
@@ -77,7 +80,7 @@ def make_usage_record(*, job_id: str, shard: int, model: str, quantization: str 
                       worker: str, device: str, rows: int, prompt_tokens: int,
                       completion_tokens: int, cached_tokens: int, started_at: datetime,
                       finished_at: datetime, busy_seconds: float, mean_batch_fill: float,
-                      hourly_usd: float) -> UsageRecord:
+                      hourly_usd: float, weight_bytes: int | None = None) -> UsageRecord:
     """A record with the derived fields (throughput, cost) computed as the module says."""
     tokens = prompt_tokens + completion_tokens
     cost = busy_seconds / 3600 * hourly_usd
@@ -89,34 +92,45 @@ def make_usage_record(*, job_id: str, shard: int, model: str, quantization: str 
         tokens_per_second=tokens / busy_seconds if busy_seconds > 0 else 0.0,
         mean_batch_fill=mean_batch_fill, cost_usd=cost,
         cost_per_million_tokens=cost / tokens * 1e6 if tokens else 0.0,
+        weight_bytes=weight_bytes,
     )
 
 
-def write_usage(store: Store, record: UsageRecord) -> str:
-    """Write record to its dated key (replacing an earlier attempt's of the same day)."""
-    key = keys.usage_key(record.finished_at.date(), record.job_id, record.shard)
+def write_usage(store: Store, record: UsageRecord, attempt: int = 0) -> str:
+    """Write record to its dated key (replacing an earlier try's of the same day); attempt:
+    the retry round that ran the shard's rows again (0: its first run)."""
+    key = keys.usage_key(record.finished_at.date(), record.job_id, record.shard, attempt)
     row = dataclasses.asdict(record)
     put_table(store, key, pa.Table.from_pylist([row], schema=USAGE_SCHEMA))
     return key
 
 
 def read_job_usage(store: Store, job_id: str, first_day: date, last_day: date) -> list[UsageRecord]:
-    """The job's usage records dated first_day..last_day, one per shard, ordered by shard.
+    """The job's usage records dated first_day..last_day, one per shard (and per retry of
+    its rows), ordered by shard.
 
     A shard re-run on a later day (its first attempt died after writing usage) leaves two
     records; the later one is kept.
     """
-    latest: dict[int, UsageRecord] = {}
+    parts = job_usage_parts(store, job_id, first_day, last_day)
+    return [parts[part] for part in sorted(parts)]
+
+
+def job_usage_parts(store: Store, job_id: str, first_day: date,
+                    last_day: date) -> dict[tuple[int, int], UsageRecord]:
+    """As read_job_usage, by (shard, attempt)."""
+    latest: dict[tuple[int, int], UsageRecord] = {}
     day = first_day
     while day <= last_day:
         for key in store.list(keys.usage_prefix(day, job_id)):
+            attempt = keys.part_of_key(key)[1]
             for row in read_table(store, key).to_pylist():
                 record = UsageRecord(**row)
-                kept = latest.get(record.shard)
+                kept = latest.get((record.shard, attempt))
                 if kept is None or record.finished_at > kept.finished_at:
-                    latest[record.shard] = record
+                    latest[(record.shard, attempt)] = record
         day += timedelta(days=1)
-    return [latest[shard] for shard in sorted(latest)]
+    return latest
 
 
 def usage_totals(records: list[UsageRecord]) -> dict[str, float]:

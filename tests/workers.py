@@ -14,15 +14,35 @@ from tests.servers import log_tail
 
 
 class WorkerProcess:
-    def __init__(self, env: dict, log_path: Path, hostname: str, extra_args: list[str]) -> None:
+    """A Celery worker (launcher=False: `celery worker` itself, the process that runs the
+    tasks) or a `batchinfer worker --gpus none` launcher (its child runs the tasks; the
+    launcher runs the shard watchdog). Either way in its own process group."""
+
+    def __init__(self, env: dict, log_path: Path, hostname: str, extra_args: list[str],
+                 launcher: bool = False) -> None:
         self.log_path = log_path
         self.hostname = hostname
+        if launcher:
+            command = [sys.executable, "-m", "jobs.cli", "worker", "--gpus", "none",
+                       "--hostname", hostname, *extra_args]
+        else:
+            command = [sys.executable, "-m", "celery", "-A", "workers.app", "worker", "--pool",
+                       "solo", "--concurrency", "1", "--loglevel", "INFO", "--hostname",
+                       hostname, *extra_args]
         with open(log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "celery", "-A", "workers.app", "worker", "--pool", "solo",
-                 "--concurrency", "1", "--loglevel", "INFO", "--hostname", hostname, *extra_args],
-                env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-            )
+            self.proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                         start_new_session=True)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def is_ready(self) -> bool:
+        """Celery logged that it is consuming."""
+        try:
+            return " ready." in self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return False
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
         if self.proc.poll() is None:
@@ -43,9 +63,10 @@ class WorkerProcess:
 
 @contextmanager
 def running_workers(count: int, env: dict, log_dir: Path, extra_args: list[str] = (),
-                    name: str = "w") -> Iterator[list[WorkerProcess]]:
+                    name: str = "w", launcher: bool = False) -> Iterator[list[WorkerProcess]]:
     """Start `count` workers with the given environment; stop them (and show logs) after."""
-    workers = [WorkerProcess(env, log_dir / f"{name}{i}.log", f"{name}{i}@%h", list(extra_args))
+    workers = [WorkerProcess(env, log_dir / f"{name}{i}.log", f"{name}{i}@%h", list(extra_args),
+                             launcher=launcher)
                for i in range(count)]
     try:
         yield workers

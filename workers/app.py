@@ -14,7 +14,8 @@ DEFAULT_QUEUE = "batchinfer"
 
 # Redis redelivers an unacknowledged task after the visibility timeout. Shards are
 # acknowledged only when they finish (acks_late), so this must exceed the longest shard or
-# a healthy shard would be run twice; crashed workers are caught far sooner by shard leases.
+# a healthy shard would be run twice; crashed workers are caught far sooner by shard leases
+# (workers/leases.py), whose watchdog puts their deliveries back (workers/dispatch.py).
 VISIBILITY_TIMEOUT_SECONDS = 12 * 3600
 
 
@@ -47,6 +48,10 @@ def create_app(broker_url: str | None = None) -> Celery:
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
         task_default_queue=DEFAULT_QUEUE,
+        # Redis: take a shard only when free, never one ahead of the running shard. A
+        # prefetched shard would wait behind a long one while other workers idle, and a
+        # worker that loses its connection would strand it in Redis's unacked set.
+        worker_disable_prefetch=broker.startswith(("redis://", "rediss://")),
         # Events let Flower follow tasks without being told by each worker.
         worker_send_task_events=True,
         task_send_sent_event=True,

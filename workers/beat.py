@@ -5,6 +5,10 @@ or a number of seconds (for tests and tight loops):
   BATCHINFER_SCAN_INBOX_CRON  default */5 * * * *   scan the inbox, deliver to the outbox
   BATCHINFER_ROLLUP_CRON      default 30 0 * * *    roll up yesterday's usage
   BATCHINFER_EXPIRE_CRON      default 0 3 * * *     delete jobs past BATCHINFER_RETENTION_DAYS
+and, every BATCHINFER_LEASE_SECONDS / 4 seconds (default 60 / 4 = 15), the shard watchdog:
+  requeue-expired-shards    send again every shard whose worker stopped renewing its lease
+                            (workers/leases.py; each `batchinfer worker` launcher also runs
+                            it in a thread, and claims are atomic, so both may run)
 The tasks go to their own queue, which a CPU worker serves (see compose/), so they never
 wait behind long shards on the GPU workers.
 """
@@ -21,6 +25,7 @@ from celery.schedules import crontab
 from jobs import nightly, settings
 from jobs.errors import UserError
 from workers.app import create_app
+from workers.leases import DEFAULT_LEASE_SECONDS
 
 NIGHTLY_QUEUE = "batchinfer.nightly"
 # (beat entry, task, schedule variable, its default, seconds after which an unstarted
@@ -62,7 +67,26 @@ def beat_schedule(environ: Mapping[str, str]) -> dict:
         }
     schedule["expire-jobs"]["kwargs"] = {
         "retention_days": nightly.retention_days_from_env(environ)}
+    interval = watchdog_seconds(environ)
+    schedule["requeue-expired-shards"] = {
+        "task": "batchinfer.ops.requeue_expired_shards",
+        "schedule": interval,
+        # A pass that waited longer than the interval is superseded by the next one.
+        "options": {"queue": NIGHTLY_QUEUE, "expires": interval},
+    }
     return schedule
+
+
+def watchdog_seconds(environ: Mapping[str, str]) -> float:
+    """The watchdog's interval: a quarter of the lease, as in the launcher's thread."""
+    raw = environ.get("BATCHINFER_LEASE_SECONDS") or str(DEFAULT_LEASE_SECONDS)
+    try:
+        lease = float(raw)
+    except ValueError:
+        lease = -1.0
+    if lease <= 0:
+        raise UserError(f"BATCHINFER_LEASE_SECONDS must be a positive number, got {raw!r}")
+    return lease / 4
 
 
 def run_beat(loglevel: str = "INFO") -> NoReturn:

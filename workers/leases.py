@@ -6,6 +6,12 @@ dies (kill -9, lost machine) would leave its shard stuck for that long. Instead,
 shard holds a lease that its worker renews every few seconds; when a lease has not been
 renewed for BATCHINFER_LEASE_SECONDS, the watchdog sends the shard again. The stale
 message, if Redis ever redelivers it, finds the shard's part file and does nothing.
+
+The watchdog runs in every `batchinfer worker` launcher (a thread) and as a beat entry
+(workers/beat.py) served by the nightly queue's worker; any number of them may run, since
+claiming an expired lease is atomic. Each lease names its holder (a random token), so a
+worker that was presumed dead and comes back neither renews nor releases the lease of the
+shard's new run.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import json
 import logging
 import os
 import threading
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -32,6 +39,20 @@ if current == ARGV[2] then
   return 1
 end
 return 0
+"""
+# Renew (ARGV[3] = the new value) or release (ARGV[3] = "") a lease only while it is still
+# ours: its holder is ARGV[2]. (A lease the watchdog re-armed keeps its holder, so the
+# worker that was only slow may still renew it; one taken by the shard's next run may not.)
+_HOLDER_SCRIPT = """
+local current = redis.call('HGET', KEYS[1], ARGV[1])
+if not current then return 0 end
+if cjson.decode(current)['holder'] ~= ARGV[2] then return 0 end
+if ARGV[3] == '' then
+  redis.call('HDEL', KEYS[1], ARGV[1])
+else
+  redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
+end
+return 1
 """
 
 
@@ -67,23 +88,27 @@ class ShardLeases:
     def field(job_id: str, shard_index: int) -> str:
         return f"{job_id}:{shard_index}"
 
-    def acquire(self, task: dict) -> str:
-        """task: the run_shard arguments (job_id, shard_index, shards_total, store_url) and queue."""
+    def acquire(self, task: dict) -> tuple[str, dict]:
+        """task: the run_shard arguments (job_id, shard_index, shards_total, store_url,
+        attempt) and queue. Returns the lease's field and value (with its holder token)."""
         field = self.field(task["job_id"], task["shard_index"])
-        self._write(field, task)
-        return field
+        lease = dict(task, holder=uuid.uuid4().hex, expires_at=self._now() + self.seconds)
+        self.redis.hset(LEASES_KEY, field, json.dumps(lease, sort_keys=True))
+        return field, lease
 
-    def renew(self, field: str) -> None:
-        raw = self.redis.hget(LEASES_KEY, field)
-        if raw is not None:
-            self._write(field, json.loads(raw))
+    def renew(self, field: str, lease: dict) -> bool:
+        """Push the deadline back; False if the lease is no longer ours."""
+        renewed = dict(lease, expires_at=self._now() + self.seconds)
+        return bool(self.redis.eval(_HOLDER_SCRIPT, 1, LEASES_KEY, field, lease["holder"],
+                                    json.dumps(renewed, sort_keys=True)))
 
-    def release(self, field: str) -> None:
-        self.redis.hdel(LEASES_KEY, field)
+    def release(self, field: str, lease: dict) -> bool:
+        return bool(self.redis.eval(_HOLDER_SCRIPT, 1, LEASES_KEY, field, lease["holder"], ""))
 
-    def _write(self, field: str, task: dict) -> None:
-        task = dict(task, expires_at=self._now() + self.seconds)
-        self.redis.hset(LEASES_KEY, field, json.dumps(task, sort_keys=True))
+    def fields(self) -> set[str]:
+        """The fields ("<job_id>:<shard>") of every lease, expired or not."""
+        return {f.decode() if isinstance(f, bytes) else f
+                for f in self.redis.hkeys(LEASES_KEY)}
 
     def claim_expired(self) -> list[dict]:
         """The expired leases that this caller won (each is re-armed, so exactly one watchdog
@@ -101,14 +126,26 @@ class ShardLeases:
 
     @contextmanager
     def held(self, task: dict) -> Iterator[None]:
-        """Hold the shard's lease, renewed in the background, while the block runs."""
-        field = self.acquire(task)
+        """Hold the shard's lease, renewed in the background, while the block runs.
+
+        Redis being unreachable must not fail the shard (its work is in the store): taking,
+        renewing and releasing the lease are each tried, and a failure is only logged.
+        """
+        try:
+            field, lease = self.acquire(task)
+        except redis.RedisError as exc:
+            log.warning("shard lease not taken (the shard runs without one): %s", exc)
+            yield
+            return
         stop = threading.Event()
 
         def renew_until_stopped() -> None:
             while not stop.wait(self.seconds / 4):
                 try:
-                    self.renew(field)
+                    if not self.renew(field, lease):
+                        log.warning("lease %s was taken over; the shard runs on (its parts "
+                                    "are written once whoever finishes first)", field)
+                        return
                 except redis.RedisError as exc:  # Redis restarting: keep trying
                     log.warning("lease renewal failed: %s", exc)
 
@@ -119,4 +156,7 @@ class ShardLeases:
         finally:
             stop.set()
             renewer.join()
-            self.release(field)
+            try:
+                self.release(field, lease)
+            except redis.RedisError as exc:  # the watchdog will re-queue it; the rerun skips
+                log.warning("lease %s not released: %s", field, exc)

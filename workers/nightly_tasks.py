@@ -1,5 +1,6 @@
-"""Celery tasks for the nightly pipeline work in jobs/nightly.py; beat (workers/beat.py)
-sends them to the nightly queue. Each is safe to run twice or at the same time as itself."""
+"""Celery tasks for the nightly pipeline work in jobs/nightly.py, and the shard watchdog;
+beat (workers/beat.py) sends them to the nightly queue. Each is safe to run twice or at
+the same time as itself."""
 
 from __future__ import annotations
 
@@ -31,3 +32,11 @@ def expire_jobs(retention_days: int | None = None) -> list[str]:
     days = (nightly.retention_days_from_env(os.environ) if retention_days is None
             else retention_days)
     return nightly.expire_jobs(open_store(settings.store_url()), days)
+
+
+@app.task(name="batchinfer.ops.requeue_expired_shards")
+def requeue_expired_shards() -> int:
+    """One watchdog pass: send again the shards whose worker stopped renewing its lease."""
+    from workers.dispatch import requeue_expired_shards as requeue
+
+    return requeue()

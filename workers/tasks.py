@@ -4,17 +4,25 @@ A job is finalized by whichever shard finishes last (it sees every shard account
 the store), not by a chord callback: a chord waits on each header task's own result, so a
 shard re-queued after its worker died (see workers/leases.py) would never count and the job
 would hang until the broker's visibility timeout redelivered the original message.
+
+Logs never carry secrets: failure reasons and tracebacks go through mask_secrets.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import time
+import traceback
+from collections.abc import Callable
 from contextlib import nullcontext
+from typing import TypeVar
 
 from celery import Task
+from celery.exceptions import Reject
 
 from jobs import finalize, manifest, models, runner
+from jobs.faults import is_transient
 from jobs.settings import mask_secrets
 from jobs.spec import load_spec
 from jobs.store import open_store
@@ -26,6 +34,10 @@ log = logging.getLogger(__name__)
 
 # Flower shows a running task's progress only through a custom event's `result` field.
 PROGRESS_EVENT_SECONDS = 2.0
+# A store outage shorter than this is waited out (botocore also retries each request).
+DEFAULT_STORE_RETRY_SECONDS = 600.0
+MAX_BACKOFF_SECONDS = 30.0
+T = TypeVar("T")
 
 
 def _progress_reporter(task: Task, job_id: str, shard_index: int, shards_total: int):
@@ -47,7 +59,8 @@ def _progress_reporter(task: Task, job_id: str, shard_index: int, shards_total: 
     return report
 
 
-def _lease(task: Task, job_id: str, shard_index: int, shards_total: int, store_url: str):
+def _lease(task: Task, job_id: str, shard_index: int, shards_total: int, store_url: str,
+           attempt: int):
     broker = app.conf.broker_url
     if not supports_leases(broker):
         return nullcontext()
@@ -55,39 +68,91 @@ def _lease(task: Task, job_id: str, shard_index: int, shards_total: int, store_u
     return ShardLeases(broker).held({
         "job_id": job_id, "shard_index": shard_index, "shards_total": shards_total,
         "store_url": store_url, "queue": queue, "worker": task.request.hostname or "",
+        "attempt": attempt,
     })
 
 
-@app.task(name="batchinfer.run_shard", bind=True)
-def run_shard(self: Task, job_id: str, shard_index: int, shards_total: int, store_url: str) -> dict:
-    """Run one shard of a job, then finalize the job if it was the last one.
+def store_retry_seconds() -> float:
+    """How long a shard keeps trying while the store (or broker) is unreachable."""
+    raw = os.environ.get("BATCHINFER_STORE_RETRY_SECONDS", "")
+    try:
+        return float(raw) if raw else DEFAULT_STORE_RETRY_SECONDS
+    except ValueError:
+        raise ValueError(f"BATCHINFER_STORE_RETRY_SECONDS must be a number, got {raw!r}") from None
 
-    A shard-level failure (the model cannot load, say) is recorded in the store, not
-    raised, so that the job still ends, as failed, with the reason.
+
+def _patiently(what: str, action: Callable[[], T]) -> T:
+    """action(), tried again with exponential backoff while it fails for a transient reason
+    (the store or the broker unreachable), for up to store_retry_seconds()."""
+    deadline = time.monotonic() + store_retry_seconds()
+    delay = 1.0
+    while True:
+        try:
+            return action()
+        except Exception as exc:
+            if not is_transient(exc) or time.monotonic() + delay > deadline:
+                raise
+            log.warning("%s: %s; trying again in %.0fs", what,
+                        mask_secrets(f"{type(exc).__name__}: {exc}"), delay)
+        time.sleep(delay)
+        delay = min(delay * 2, MAX_BACKOFF_SECONDS)
+
+
+@app.task(name="batchinfer.run_shard", bind=True)
+def run_shard(self: Task, job_id: str, shard_index: int, shards_total: int, store_url: str,
+              attempt: int = 0) -> dict:
+    """Run one shard of a job (attempt N >= 1: retry round N of its failed rows), then
+    finalize the job if it was the last one.
+
+    A shard-level failure (the model cannot load, access denied) is recorded in the store,
+    not raised, so that the job still ends, as failed, with the reason. A transient one
+    (the store unreachable) is tried again, with backoff, for BATCHINFER_STORE_RETRY_SECONDS,
+    then the shard goes back on the queue.
     """
     store = open_store(store_url)
-    if manifest.cancel_requested(store, job_id):
-        summary = {"shard": shard_index, "cancelled": True}
-    else:
-        with _lease(self, job_id, shard_index, shards_total, store_url):
-            summary = _run(self, store, job_id, shard_index, shards_total)
-    finalize.finalize_if_complete(store, job_id)
+    where = f"shard {shard_index} of job {job_id}"
+    if attempt:
+        where += f" (retry round {attempt})"
+    try:
+        if _patiently(where, lambda: manifest.cancel_requested(store, job_id)):
+            summary = {"shard": shard_index, "attempt": attempt, "cancelled": True}
+        else:
+            with _lease(self, job_id, shard_index, shards_total, store_url, attempt):
+                summary = _run(self, store, job_id, shard_index, shards_total, attempt, where)
+        _patiently(where, lambda: finalize.finalize_if_complete(store, job_id))
+    except Exception as exc:
+        reason = mask_secrets(f"{type(exc).__name__}: {exc}")
+        if is_transient(exc):  # the store stayed unreachable: let a later run try
+            log.error("%s could not reach the store; it goes back on the queue: %s", where,
+                      reason)
+            raise Reject(reason, requeue=True) from None
+        # The store refuses even to record the failure (its bucket is gone, say).
+        log.error("%s: its outcome could not be recorded in the store: %s\n%s", where,
+                  reason, mask_secrets(traceback.format_exc()))
+        return {"shard": shard_index, "attempt": attempt, "error": reason}
     return summary
 
 
-def _run(task: Task, store, job_id: str, shard_index: int, shards_total: int) -> dict:
-    try:
+def _run(task: Task, store, job_id: str, shard_index: int, shards_total: int, attempt: int,
+         where: str) -> dict:
+    def run() -> dict:
         spec = load_spec(store, job_id)
         llm = get_engine(models.resolve_model(spec.model))
         manifest.mark_running(store, job_id)
         return runner.run_shard(
-            store, job_id, shard_index, llm,
+            store, job_id, shard_index, llm, attempt=attempt,
             worker=task.request.hostname or "",
             on_progress=_progress_reporter(task, job_id, shard_index, shards_total),
             should_cancel=lambda: manifest.cancel_requested(store, job_id),
         )
+
+    try:
+        return _patiently(where, run)
     except Exception as exc:
+        if is_transient(exc):
+            raise  # run_shard gives it back to the queue
         reason = mask_secrets(f"{type(exc).__name__}: {exc}")
-        log.exception("shard %s of job %s failed", shard_index, job_id)
-        finalize.record_shard_failure(store, job_id, shard_index, reason)
-        return {"shard": shard_index, "error": reason}
+        log.error("%s failed: %s\n%s", where, reason, mask_secrets(traceback.format_exc()))
+        _patiently(where, lambda: finalize.record_shard_failure(
+            store, job_id, shard_index, reason, attempt))
+        return {"shard": shard_index, "attempt": attempt, "error": reason}

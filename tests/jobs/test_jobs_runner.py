@@ -131,7 +131,8 @@ def test_shards_give_what_the_engine_gives_directly(store, tmp_path, llm, direct
 
     errors = pa.concat_tables([read_table(store, k)
                                for k in store.list(keys.errors_prefix(job_id))])
-    assert errors.column_names == ["id", "error"]
+    assert errors.column_names == ["id", "error", "error_kind"]
+    assert set(errors.column("error_kind").to_pylist()) == {"invalid"}
     reasons = dict(zip(errors.column("id").to_pylist(), errors.column("error").to_pylist(),
                        strict=True))
     assert set(reasons) == set(INVALID)

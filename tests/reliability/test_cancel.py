@@ -1,0 +1,82 @@
+"""`batchinfer cancel` in the middle of a job: the job ends cancelled at once, the running
+shard stops at its next engine step and writes nothing, queued shards do not run, rows
+already written stay, and the counts are those of the parts in the store."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+
+import pytest
+import redis
+
+from jobs import keys
+from jobs.client import Client
+from tests.reliability.conftest import prompts_table, run_cli, wait_for, write_input
+from tests.workers import running_workers, worker_env
+from workers.leases import LEASES_KEY
+
+
+@pytest.mark.slow
+def test_cancel_mid_job(tmp_path, redis_server, s3_store_url, tiny_llama, queue):
+    rows, shard_size = 240, 20
+    shards = rows // shard_size
+    path = write_input(tmp_path, prompts_table(rows), row_group_size=shard_size)
+    client = Client(store_url=s3_store_url, broker_url=redis_server.url)
+    broker = redis.Redis.from_url(redis_server.url)
+    # One sequence at a time and long outputs: a shard lasts a few seconds, long enough for
+    # the command line to start and cancel it while it runs.
+    env = worker_env(redis_server.url, s3_store_url, BATCHINFER_MAX_NUM_SEQS="1")
+    with running_workers(1, env, tmp_path, ["--queues", queue]) as [worker]:
+        job = client.submit(path, model=str(tiny_llama), max_tokens=80, shard_size=shard_size,
+                            id_column="id", queue=queue)
+        results = keys.results_prefix(job.id)
+        wait_for(lambda: len(client.store.list(results)) >= 1, 120, "a shard done")
+
+        seen: set[bytes] = set()
+
+        def fresh_shard() -> list[int]:
+            """A shard that started since the last look."""
+            for field, raw in broker.hgetall(LEASES_KEY).items():
+                if field not in seen and json.loads(raw)["job_id"] == job.id:
+                    seen.add(field)
+                    return [json.loads(raw)["shard_index"]]
+            return []
+
+        seen.update(broker.hkeys(LEASES_KEY))  # the one running now started a while ago
+        [running] = wait_for(fresh_shard, 60, "a shard starting", interval=0.01)
+        cli_env = env | {"BATCHINFER_BROKER_URL": redis_server.url,
+                         "BATCHINFER_STORE_URL": s3_store_url}
+        cancelled = run_cli("cancel", job.id, env=cli_env)
+        cancelled_at = time.monotonic()
+        assert cancelled.returncode == 0, cancelled.stderr
+        assert cancelled.stderr.strip() == f"job {job.id} cancelled"
+        # The running shard lets go of its lease when it stops.
+        wait_for(lambda: not any(json.loads(raw)["job_id"] == job.id
+                                 for raw in broker.hvals(LEASES_KEY)), 30, "the shard stopping")
+        stopped = time.monotonic() - cancelled_at
+        wait_for(lambda: broker.llen(queue) == 0, 60, "the queued shards being taken")
+        time.sleep(1)  # the last one taken finishes its (empty) run
+        log = worker.log_path.read_text()
+
+    status = job.status()
+    parts = client.store.list(results)
+    done = sorted(keys.shard_of_key(k) for k in parts)
+    print(f"\ncancelled with shard {running} running: it stopped {stopped:.1f}s later; "
+          f"{len(done)}/{shards} shards had finished")
+    assert status["state"] == "cancelled"
+    assert running not in done, "the running shard wrote its part after the cancel"
+    assert stopped < 10
+    assert 1 <= len(done) < shards
+    assert status["counts"]["shards_done"] == len(done)
+    assert status["counts"]["succeeded_rows"] == job.results().num_rows == len(done) * shard_size
+    assert status["counts"]["failed_rows"] == 0
+    # Every shard after the cancel returned at once without running; no usage beyond the parts.
+    summaries = re.findall(r"succeeded in [0-9.]+s: (\{.*\})", log)
+    assert sum("'cancelled': True" in s for s in summaries) == shards - len(done)
+    usage = [k for k in client.store.list("usage/") if job.id in k]
+    assert sorted(keys.shard_of_key(k) for k in usage) == done
+    # A second cancel changes nothing.
+    again = run_cli("cancel", job.id, env=cli_env)
+    assert again.returncode == 0 and again.stderr.strip() == f"job {job.id} cancelled"
