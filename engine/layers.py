@@ -26,11 +26,17 @@ def silu_and_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
+class Projection(nn.Linear):
+    """A projection made by make_linear: what a quantized load replaces with a QuantLinear."""
+
+
 def make_linear(in_features: int, out_features: int, bias: bool) -> nn.Module:
     """Create one projection of the model (q/k/v/o, gate/up/down).
 
     Every projection goes through here and keeps Hugging Face's `weight` / `bias`
-    names, so that quantized linears (packed int4/int8 weights) can take their place
-    by replacing this one constructor and the loader's name mapping.
+    names. The model is built on the "meta" device; for a quantized load
+    (`engine.loader.load_weights` with a QuantScheme) the loader swaps each Projection
+    for a packed QuantLinear built from its checkpoint tensors (engine/quant/loading.py).
+    The output head is not a Projection: it stays in full precision.
     """
-    return nn.Linear(in_features, out_features, bias=bias)
+    return Projection(in_features, out_features, bias=bias)

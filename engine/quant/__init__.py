@@ -8,13 +8,16 @@ from engine.quant.gptq import (
     unpack_gptq,
 )
 from engine.quant.linear import QuantLinear, load_gptq_linear
+from engine.quant.scheme import QuantScheme, resolve_quantization
 
 __all__ = [
     "QuantConfig",
     "QuantLinear",
+    "QuantScheme",
     "dequantize",
     "load_gptq_linear",
     "parse_quant_config",
     "read_quant_config",
+    "resolve_quantization",
     "unpack_gptq",
 ]

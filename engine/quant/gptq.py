@@ -63,6 +63,14 @@ def parse_quant_config(raw: Mapping, source: str = "quantization_config") -> Qua
         )
     if fmt not in FORMATS:
         raise ValueError(f"{source}: checkpoint format {fmt!r} is not supported ({FORMATS})")
+    # GPTQModel's `dynamic`: regex -> per-module overrides, or "-:regex" for modules left
+    # unquantized. Those stay float in the checkpoint and load as such; other bits or
+    # group sizes per module are not supported.
+    overrides = [key for key in raw.get("dynamic") or {} if not str(key).startswith("-:")]
+    if overrides:
+        raise ValueError(
+            f"{source}: per-module overrides in 'dynamic' are not supported ({overrides[0]!r})"
+        )
     return QuantConfig(
         bits=bits,
         group_size=group_size,

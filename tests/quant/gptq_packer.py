@@ -6,9 +6,13 @@ reader can be checked against values chosen here.
 
 from __future__ import annotations
 
+import json
+import shutil
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
 
 def _to_int32(words: torch.Tensor) -> torch.Tensor:
@@ -94,3 +98,52 @@ def make_gptq(
         group_size=group_size,
         v1=v1,
     )
+
+
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def write_gptq_model(
+    model_dir: Path,
+    out_dir: Path,
+    bits: int,
+    group_size: int,
+    *,
+    act_order: bool = False,
+    sym: bool = True,
+    v1: bool = True,
+) -> tuple[Path, Path]:
+    """A GPTQ checkpoint of a float model folder's shapes, with random codes per projection.
+
+    Returns (gptq folder, float twin): the twin holds the weights the codes define
+    (float32), everything else copied, so a float engine on it is the exact reference.
+    """
+    tensors = load_file(model_dir / "model.safetensors")
+    packed: dict[str, torch.Tensor] = {}
+    dequantized: dict[str, torch.Tensor] = {}
+    for i, name in enumerate(sorted(tensors)):
+        prefix, _, part = name.rpartition(".")
+        if not (prefix.endswith(PROJECTIONS) and part == "weight"):
+            packed[name] = dequantized[name] = tensors[name]
+            continue
+        n, k = tensors[name].shape
+        fake = make_gptq(k, n, bits, group_size, act_order=act_order, sym=sym, v1=v1, seed=i)
+        if bits == 8:  # 16x the levels: keep the weights as large as 4-bit ones (exact /16)
+            fake.scales = fake.scales / 16
+        for key in ("qweight", "qzeros", "scales", "g_idx"):
+            packed[f"{prefix}.{key}"] = getattr(fake, key)
+        dequantized[name] = fake.weight().float().contiguous()
+    folders = []
+    for suffix, weights in (("gptq", packed), ("dequant", dequantized)):
+        folder = out_dir / suffix
+        shutil.copytree(model_dir, folder)
+        save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+        folders.append(folder)
+    config_path = folders[0] / "config.json"
+    config = json.loads(config_path.read_text())
+    config["quantization_config"] = {
+        "quant_method": "gptq", "bits": bits, "group_size": group_size, "desc_act": act_order,
+        "sym": sym, "checkpoint_format": "gptq" if v1 else "gptq_v2", "lm_head": False,
+    }
+    config_path.write_text(json.dumps(config, indent=2))
+    return folders[0], folders[1]

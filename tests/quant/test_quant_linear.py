@@ -193,3 +193,26 @@ def test_cuda_matches_definition(bits, group_size, dtype):
     y = layer(x.cuda()).cpu()
     error = (y.double() - expected).abs().max() / expected.abs().max()
     assert error < 1e-2, f"relative error {error:.2e} ({layer.kernel_name})"
+
+
+@pytest.mark.parametrize(("k", "group_size"), [(172, -1), (512, 8), (520, 40)])
+def test_int8_op_only_for_groups_of_multiples_of_16(k, group_size):
+    """torch's CPU int8 op reads 16 inputs at a time with no tail loop and crashes on other
+    widths (stories260K's 172-wide down_proj did): those layers take the fallback."""
+    fake = make_gptq(k, N, 8, group_size, sym=False)
+    layer = _from_gptq(fake, torch.bfloat16)
+    assert layer.kernel_name == "dequant_chunked"
+    _check_against_definition(layer, fake, torch.bfloat16)
+    per_channel = QuantLinear.from_float(torch.randn(N, k), None, 8, -1, torch.bfloat16, "cpu")
+    assert per_channel.kernel_name == ("int8_weight_only" if k % 16 == 0 else "dequant_chunked")
+
+
+@pytest.mark.parametrize(("group_size", "sym"), [(-1, True), (-1, False), (64, False),
+                                                 (128, True)])
+@pytest.mark.parametrize("rows", [5, 40])  # torch's op below 32 rows, codes matmul above
+def test_int8_kernel_both_paths_match_definition(monkeypatch, group_size, sym, rows):
+    monkeypatch.setattr(quant_linear, "_FALLBACK_CHUNK", 96)  # several slices per group
+    fake = make_gptq(K, N, 8, group_size, act_order=True, sym=sym)
+    layer = _from_gptq(fake, torch.bfloat16)
+    assert layer.kernel_name == "int8_weight_only"
+    _check_against_definition(layer, fake, torch.bfloat16, rows=rows)
