@@ -16,6 +16,8 @@ from engine.device import auto_kv_cache_bytes, parse_memory_size, resolve_device
 from engine.loader import load_model
 from engine.model_runner import ModelRunner, kv_cache_bytes_per_block
 from engine.outputs import RequestOutput
+from engine.quant.linear import QuantLinear
+from engine.quant.scheme import resolve_quantization
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
 from engine.sequence import Sequence
@@ -49,10 +51,9 @@ class LLM:
             raise FileNotFoundError(f"model path {str(model)!r} is not a local model folder")
         self.model_path = str(model)
         self.config = load_model_config(model_dir)
-        if quantization is not None or self.config.quantization_config is not None:
-            method = quantization or self.config.quantization_config.get("quant_method")
-            raise ValueError(f"quantization {method!r} is not supported by this engine build")
-        self.quantization = quantization
+        # None: as the checkpoint is (GPTQ or float); "int8" / "int4[-gN]": rounded at load.
+        self.quant_scheme = resolve_quantization(quantization, model_dir)
+        self.quantization = None if self.quant_scheme is None else self.quant_scheme.name
 
         if max_model_len is None:
             max_model_len = self.config.max_position_embeddings
@@ -65,7 +66,9 @@ class LLM:
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        self.model = load_model(self.config, model_dir, self.dtype, self.device)
+        self.model = load_model(
+            self.config, model_dir, self.dtype, self.device, self.quant_scheme
+        )
 
         num_blocks = self._num_kv_blocks(
             kv_cache_memory, block_size, max_num_seqs, max_num_batched_tokens
@@ -270,10 +273,9 @@ class LLM:
             # float32 logits, probabilities, sort order and sampling noise per sequence
             sampling = 4 * 4 * max_num_seqs * config.vocab_size
             reserved = max_num_batched_tokens * per_token * itemsize + sampling
-            # The portable attention gathers one layer's K and V of the running sequences
-            # and may widen them to all query heads: room for that beside the pool.
-            heads_per_kv = config.num_heads // config.num_kv_heads
-            gather_fraction = (1 + heads_per_kv) / config.num_layers
+            # Decode attention gathers one layer's K and V blocks of the running sequences
+            # into a reused buffer (engine/attention.py Workspace): room for it beside the pool.
+            gather_fraction = 1.25 / config.num_layers
             memory = auto_kv_cache_bytes(self.device, reserved, gather_fraction)
             # More than every sequence at full length could use is wasted.
             blocks_per_seq = -(-self.max_model_len // block_size)
@@ -288,7 +290,12 @@ class LLM:
         return num_blocks
 
     def _weight_bytes(self) -> int:
+        """Bytes the weights take where they live: packed layers count what they hold."""
         tensors = itertools.chain(self.model.parameters(), self.model.buffers())
         # Non-persistent buffers (the RoPE table) are derived state, not weights.
         derived = {id(b) for b in self.model.model.rotary_emb.buffers()}
-        return sum(t.numel() * t.element_size() for t in tensors if id(t) not in derived)
+        total = sum(t.numel() * t.element_size() for t in tensors if id(t) not in derived)
+        # QuantLinear keeps its packed tensors outside parameters() and buffers().
+        return total + sum(
+            m.weight_bytes() for m in self.model.modules() if isinstance(m, QuantLinear)
+        )

@@ -29,6 +29,18 @@ def _shared_model(name: str) -> Path:
     return path
 
 
+@pytest.fixture(autouse=True)
+def _one_torch_thread() -> Iterator[None]:
+    """The models in tests are small and the machine has 2 shared cores: a second torch
+    thread only adds contention (one busy core can make a step 100x slower)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def stories260k() -> Path:
     """The real trained tiny Llama beside the project (skips where absent)."""

@@ -6,7 +6,6 @@ The shared fixtures (make_model, tiny_llama, stories260k) come from tests/confte
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,15 +18,6 @@ from transformers import AutoModelForCausalLM
 # logits are closer than this: the reference itself is undecided there, and rounding
 # differences between two correct implementations may pick either token.
 TIE_TOLERANCE = 1e-4
-
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread() -> Iterator[None]:
-    """Tiny matrices on a shared 2-core machine: extra threads only add contention."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @dataclass

@@ -6,7 +6,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
-import torch
 
 from engine import LLM, SamplingParams
 from jobs import keys, runner
@@ -22,15 +21,6 @@ from jobs.usage import USAGE_SCHEMA
 ENGINE_OPTIONS = dict(dtype="float32", device="cpu", kv_cache_memory="64MiB")
 WORDS = "the cat dog bird ran saw a big red ball in park once upon time".split()
 DEFAULT_MAX_TOKENS = 6
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """A tiny model gains nothing from more threads, and loses much on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
