@@ -65,6 +65,7 @@ SYSTEMS = ("naive", "hf-cb", "engine")
 FLOAT_PRECISIONS = ("float32", "bfloat16", "float16")
 QUANT_PRECISIONS = ("int8", "int4")
 MIB = 1024 * 1024
+QUICK_INT4 = "int4-g32"  # --quick's int4: a group size the tiny model's inputs divide
 
 # --quick: seconds on two CPU cores, every code path exercised (shared prefix included).
 QUICK_PRESET: dict[str, Any] = dict(
@@ -94,6 +95,23 @@ def parse_list(text: str, allowed: tuple[str, ...]) -> list[str]:
     bad = [item for item in items if item not in allowed]
     if bad:
         raise argparse.ArgumentTypeError(f"unknown {bad}; choose from {list(allowed)}")
+    return items
+
+
+def parse_quant_list(text: str) -> list[str]:
+    """Float dtypes and load-time quantizations ("int8", "int4", "int4-g<N>", "int8-g<N>")."""
+    from engine.quant.scheme import parse_rtn
+
+    items = [item.strip().lower() for item in text.split(",") if item.strip()]
+    for item in items:
+        if item in FLOAT_PRECISIONS:
+            continue
+        try:
+            parse_rtn(item)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(
+                f"{exc}; or a float dtype: {list(FLOAT_PRECISIONS)}"
+            ) from None
     return items
 
 
@@ -136,9 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="KV cache size for engine and hf-cb (default: auto on CUDA; on CPU the "
                         "workload's whole KV, at most 4 GiB)")
     p.add_argument("--no-prefix-caching", action="store_true")
-    p.add_argument("--quant", type=lambda s: parse_list(s, FLOAT_PRECISIONS + QUANT_PRECISIONS),
-                   default=[], help="also run the engine at each of these precisions, e.g. "
-                                    "float32,bfloat16,int8,int4")
+    p.add_argument("--quant", type=parse_quant_list, default=[],
+                   help="also run the engine at each of these precisions, e.g. "
+                        "float32,bfloat16,int8,int4,int4-g64,int8-g128")
     p.add_argument("--threads", type=int,
                    help="CPU threads per system (OMP_NUM_THREADS; default: torch's choice). "
                         "On a shared CPU, fewer threads than busy cores avoids spin-wait stalls")
@@ -157,6 +175,8 @@ def finish_args(args: argparse.Namespace) -> argparse.Namespace:
     )
     if args.quick:
         defaults.update(QUICK_PRESET)
+        # The tiny model's hidden size (64) cannot hold int4's default groups of 128.
+        args.quant = [QUICK_INT4 if item == "int4" else item for item in args.quant]
     if args.parquet:
         defaults["rows"] = None  # all of the file
     if not args.model and not args.random_model:
@@ -914,7 +934,7 @@ def run_quant_axis(args: argparse.Namespace, base: dict[str, Any],
     """The engine once per listed precision; int8/int4 keep the run's float dtype."""
     entries = []
     for precision in args.quant:
-        quant = precision if precision in QUANT_PRECISIONS else None
+        quant = None if precision in FLOAT_PRECISIONS else precision
         dtype = base["dtype"] if quant else precision
         if quant is None and dtype == base["dtype"] and "engine" in systems:
             entry = {**systems["engine"], "same_run_as": "engine"}
@@ -997,7 +1017,12 @@ def build_report(args: argparse.Namespace, device: str, dtype: str, model_dir: P
             embed_dtype = entry.get("dtype", dtype)
             embed = 0 if info.tied else info.hidden * info.vocab * dtype_bytes(embed_dtype)
             weights = entry["weight_bytes"] - embed
-        return roofline_bound(costs, peaks, entry.get("steps"), weights,
+        entry_costs = costs
+        entry_dtype = entry.get("dtype", dtype)
+        if entry_dtype != dtype:  # a float entry of the quant axis: its KV has its own size
+            kv_scale = dtype_bytes(entry_dtype) / dtype_bytes(dtype)
+            entry_costs = {**costs, "kv_bytes": costs["kv_bytes"] * kv_scale}
+        return roofline_bound(entry_costs, peaks, entry.get("steps"), weights,
                               entry.get("prefix_cache_hit_tokens"))
 
     naive = systems.get("naive", {})
