@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
+
+from jobs.errors import UserError
 
 EMBEDDED_HOME = Path(".batchinfer")
 
@@ -36,13 +39,25 @@ def broker_url() -> str:
     return os.environ.get("BATCHINFER_BROKER_URL") or "filesystem://"
 
 
+def env_number(variable: str, default: float, environ: Mapping[str, str] = os.environ,
+               positive: bool = False) -> float:
+    """A numeric setting: unset or empty gives default; anything else must parse (and be
+    positive where asked), or it is a one-line configuration error."""
+    raw = environ.get(variable, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise UserError(f"{variable} must be a number, got {raw!r}") from None
+    if positive and value <= 0:
+        raise UserError(f"{variable} must be a positive number, got {raw!r}")
+    return value
+
+
 def gpu_hourly_usd() -> float:
     """The worker's hourly price, for cost records (default 0)."""
-    raw = os.environ.get("BATCHINFER_GPU_HOURLY_USD", "0")
-    try:
-        return float(raw)
-    except ValueError:
-        raise ValueError(f"BATCHINFER_GPU_HOURLY_USD must be a number, got {raw!r}") from None
+    return env_number("BATCHINFER_GPU_HOURLY_USD", 0.0)
 
 
 _URL_PASSWORD = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^:/@]*):(?P<password>[^@/]*)@", re.I)

@@ -25,7 +25,7 @@ from celery.schedules import crontab
 from jobs import nightly, settings
 from jobs.errors import UserError
 from workers.app import create_app
-from workers.leases import DEFAULT_LEASE_SECONDS
+from workers.leases import lease_seconds
 
 NIGHTLY_QUEUE = "batchinfer.nightly"
 # (beat entry, task, schedule variable, its default, seconds after which an unstarted
@@ -79,14 +79,7 @@ def beat_schedule(environ: Mapping[str, str]) -> dict:
 
 def watchdog_seconds(environ: Mapping[str, str]) -> float:
     """The watchdog's interval: a quarter of the lease, as in the launcher's thread."""
-    raw = environ.get("BATCHINFER_LEASE_SECONDS") or str(DEFAULT_LEASE_SECONDS)
-    try:
-        lease = float(raw)
-    except ValueError:
-        lease = -1.0
-    if lease <= 0:
-        raise UserError(f"BATCHINFER_LEASE_SECONDS must be a positive number, got {raw!r}")
-    return lease / 4
+    return lease_seconds(environ) / 4
 
 
 def run_beat(loglevel: str = "INFO") -> NoReturn:

@@ -45,6 +45,3 @@ def get_engine(model_path: str) -> LLM:
         _loaded = (model_path, llm)
         return llm
 
-
-def loaded_engine() -> LLM | None:
-    return None if _loaded is None else _loaded[1]

@@ -21,10 +21,12 @@ import logging
 import os
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 
 import redis
+
+from jobs.settings import env_number
 
 log = logging.getLogger(__name__)
 
@@ -56,15 +58,8 @@ return 1
 """
 
 
-def lease_seconds() -> float:
-    raw = os.environ.get("BATCHINFER_LEASE_SECONDS", str(DEFAULT_LEASE_SECONDS))
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ValueError(f"BATCHINFER_LEASE_SECONDS must be a number, got {raw!r}") from None
-    if value <= 0:
-        raise ValueError("BATCHINFER_LEASE_SECONDS must be positive")
-    return value
+def lease_seconds(environ: Mapping[str, str] = os.environ) -> float:
+    return env_number("BATCHINFER_LEASE_SECONDS", DEFAULT_LEASE_SECONDS, environ, positive=True)
 
 
 def supports_leases(broker_url: str) -> bool:

@@ -11,7 +11,6 @@ Logs never carry secrets: failure reasons and tracebacks go through mask_secrets
 from __future__ import annotations
 
 import logging
-import os
 import time
 import traceback
 from collections.abc import Callable
@@ -23,7 +22,7 @@ from celery.exceptions import Reject
 
 from jobs import finalize, manifest, models, runner
 from jobs.faults import is_transient
-from jobs.settings import mask_secrets
+from jobs.settings import env_number, mask_secrets
 from jobs.spec import load_spec
 from jobs.store import open_store
 from workers.app import DEFAULT_QUEUE, app
@@ -74,11 +73,7 @@ def _lease(task: Task, job_id: str, shard_index: int, shards_total: int, store_u
 
 def store_retry_seconds() -> float:
     """How long a shard keeps trying while the store (or broker) is unreachable."""
-    raw = os.environ.get("BATCHINFER_STORE_RETRY_SECONDS", "")
-    try:
-        return float(raw) if raw else DEFAULT_STORE_RETRY_SECONDS
-    except ValueError:
-        raise ValueError(f"BATCHINFER_STORE_RETRY_SECONDS must be a number, got {raw!r}") from None
+    return env_number("BATCHINFER_STORE_RETRY_SECONDS", DEFAULT_STORE_RETRY_SECONDS)
 
 
 def _patiently(what: str, action: Callable[[], T]) -> T:
