@@ -273,8 +273,9 @@ class LLM:
             # float32 logits, probabilities, sort order and sampling noise per sequence
             sampling = 4 * 4 * max_num_seqs * config.vocab_size
             reserved = max_num_batched_tokens * per_token * itemsize + sampling
-            # Decode attention gathers one layer's K and V blocks of the running sequences
-            # into a reused buffer (engine/attention.py Workspace): room for it beside the pool.
+            # Portable decode attention gathers one layer's K and V blocks of the running
+            # sequences into a reused buffer (engine/attention.py Workspace): room for it
+            # beside the pool (the CPU kernel reads in place and leaves this spare).
             gather_fraction = 1.25 / config.num_layers
             memory = auto_kv_cache_bytes(self.device, reserved, gather_fraction)
             # More than every sequence at full length could use is wasted.

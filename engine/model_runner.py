@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from engine import kernels
 from engine.attention import Workspace, build_attention_metadata
 from engine.model import CausalLM
 from engine.sampler import Sampler
@@ -40,6 +41,9 @@ class ModelRunner:
             dtype=dtype, device=device,
         )
         self.workspace = Workspace()  # attention's gather buffers, shared by all layers
+        self.cpu_kernel = device.type == "cpu" and kernels.paged_decode_supported(
+            dtype, config.num_heads, config.num_kv_heads, config.head_dim, block_size
+        )
         for layer, cache in zip(model.model.layers, self.kv_cache, strict=True):
             layer.self_attn.attn.k_cache = cache[0]
             layer.self_attn.attn.v_cache = cache[1]
@@ -61,7 +65,7 @@ class ModelRunner:
         positions_cpu = torch.tensor(positions, dtype=torch.int64)
         meta = build_attention_metadata(
             positions_cpu, batch.num_new_tokens, [seq.block_table for seq in batch.seqs],
-            self.block_size, self.windows, self.device, self.workspace,
+            self.block_size, self.windows, self.device, self.workspace, self.cpu_kernel,
         )
         logits = self.model(
             torch.tensor(input_ids, dtype=torch.int64, device=self.device),

@@ -2,16 +2,22 @@
 
 Ragged contexts (one token, exact block multiples, partial blocks), grouped-query heads,
 sliding windows, decode rows and prefill chunks (with and without a cached prefix) in
-one flat batch, random block tables.
+one flat batch, random block tables. Decode rows run through both the portable PyTorch
+path and the CPU kernel (engine/kernels).
 """
 
 from __future__ import annotations
 
+import os
 import random
+import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
 
+from engine import kernels
 from engine.attention import (
     PagedAttention,
     Workspace,
@@ -36,26 +42,29 @@ def reference(q, keys, values, query_positions, window, scale):
     return torch.einsum("hnk,khd->nhd", torch.softmax(scores, -1), values)
 
 
-def run_case(seed, heads, kv_heads, window, dtype, query_lens, context_lens):
+DECODE_PATHS = ["portable", "kernel"]
+
+
+def run_case(seed, heads, kv_heads, window, dtype, query_lens, context_lens,
+             decode_path="portable", head_dim=8, block_size=BLOCK_SIZE):
     """Sequence i has context_lens[i] tokens once its query_lens[i] new ones are written."""
     rng = random.Random(seed)
     torch.manual_seed(seed)
-    head_dim = 8
-    blocks_per_seq = [-(-c // BLOCK_SIZE) for c in context_lens]
+    blocks_per_seq = [-(-c // block_size) for c in context_lens]
     num_blocks = sum(blocks_per_seq) + 3
     free = list(range(num_blocks))
     rng.shuffle(free)
     tables = [[free.pop() for _ in range(n)] for n in blocks_per_seq]
 
     attn = PagedAttention(heads, kv_heads, head_dim, window)
-    attn.k_cache = torch.randn(num_blocks, kv_heads, BLOCK_SIZE, head_dim).to(dtype)
-    attn.v_cache = torch.randn(num_blocks, kv_heads, BLOCK_SIZE, head_dim).to(dtype)
+    attn.k_cache = torch.randn(num_blocks, kv_heads, block_size, head_dim).to(dtype)
+    attn.v_cache = torch.randn(num_blocks, kv_heads, block_size, head_dim).to(dtype)
     full_k = [torch.randn(c, kv_heads, head_dim).to(dtype) for c in context_lens]
     full_v = [torch.randn(c, kv_heads, head_dim).to(dtype) for c in context_lens]
     positions, new_k, new_v = [], [], []
     for table, c, n, k, v in zip(tables, context_lens, query_lens, full_k, full_v, strict=True):
         for p in range(c - n):  # the cached tokens: already in the pool
-            block, offset = table[p // BLOCK_SIZE], p % BLOCK_SIZE
+            block, offset = table[p // block_size], p % block_size
             attn.k_cache[block, :, offset] = k[p]
             attn.v_cache[block, :, offset] = v[p]
         positions.extend(range(c - n, c))
@@ -63,8 +72,8 @@ def run_case(seed, heads, kv_heads, window, dtype, query_lens, context_lens):
         new_v.append(v[c - n :])
     q = torch.randn(sum(query_lens), heads, head_dim).to(dtype)
     meta = build_attention_metadata(
-        torch.tensor(positions), query_lens, tables, BLOCK_SIZE, {window},
-        torch.device("cpu"), Workspace(),
+        torch.tensor(positions), query_lens, tables, block_size, {window},
+        torch.device("cpu"), Workspace(), cpu_kernel=decode_path == "kernel",
     )
     out = attn(q, torch.cat(new_k), torch.cat(new_v), meta)
 
@@ -74,7 +83,7 @@ def run_case(seed, heads, kv_heads, window, dtype, query_lens, context_lens):
             q[start : start + n].double(), k.double(), v.double(),
             torch.arange(c - n, c), window, attn.scale,
         )
-        tolerance = 1e-5 if dtype == torch.float32 else 3e-2
+        tolerance = {torch.float32: 1e-5, torch.float16: 4e-3}.get(dtype, 3e-2)
         torch.testing.assert_close(
             out[start : start + n].double(), expected, atol=tolerance, rtol=tolerance
         )
@@ -82,30 +91,96 @@ def run_case(seed, heads, kv_heads, window, dtype, query_lens, context_lens):
     # New tokens' K/V landed in their slots.
     for table, c, k in zip(tables, context_lens, full_k, strict=True):
         p = c - 1
-        assert torch.equal(attn.k_cache[table[p // BLOCK_SIZE], :, p % BLOCK_SIZE], k[p])
+        assert torch.equal(attn.k_cache[table[p // block_size], :, p % block_size], k[p])
+
+
+@pytest.fixture(params=DECODE_PATHS)
+def decode_path(request):
+    if request.param == "kernel" and not kernels.paged_decode_supported(
+        torch.float32, 4, 1, 128, 16
+    ):
+        pytest.skip("no C compiler: the CPU kernel is not built here")
+    return request.param
+
+
+def test_the_kernel_builds_where_a_c_compiler_exists():
+    if not (os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")):
+        pytest.skip("no C compiler on this machine")
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        assert kernels.paged_decode_supported(dtype, 32, 8, 128, 16)
+    assert not kernels.paged_decode_supported(torch.float32, 64, 1, 128, 16)  # group > 16
 
 
 @pytest.mark.parametrize("window", [None, 5, 9])
 @pytest.mark.parametrize(("heads", "kv_heads"), [(4, 4), (6, 2), (4, 1)])
-def test_decode_rows_match_the_reference(heads, kv_heads, window):
+def test_decode_rows_match_the_reference(heads, kv_heads, window, decode_path):
     context_lens = [1, 2, BLOCK_SIZE, BLOCK_SIZE + 1, 3 * BLOCK_SIZE, 17, 30, 7]
     run_case(
         seed=heads * 10 + kv_heads, heads=heads, kv_heads=kv_heads, window=window,
         dtype=torch.float32, query_lens=[1] * len(context_lens), context_lens=context_lens,
+        decode_path=decode_path,
     )
 
 
 @pytest.mark.parametrize("window", [None, 6])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_decodes_and_prefill_chunks_in_one_batch(window, dtype):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_decodes_and_prefill_chunks_in_one_batch(window, dtype, decode_path):
     # Decodes; a fresh prompt; a chunk after a cached prefix (partial and whole blocks);
     # a one-token prompt (a "decode" row with nothing cached).
     query_lens = [1, 11, 1, 5, 8, 1, 1]
     context_lens = [9, 11, 23, 13, 8 + 2 * BLOCK_SIZE, 1, 40]
     run_case(
         seed=7, heads=6, kv_heads=3, window=window, dtype=dtype,
-        query_lens=query_lens, context_lens=context_lens,
+        query_lens=query_lens, context_lens=context_lens, decode_path=decode_path,
     )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("head_dim", "block_size"), [(64, 16), (128, 32), (80, 16)])
+def test_kernel_at_model_shapes(dtype, head_dim, block_size, decode_path):
+    # Vector widths of real models, block sizes other than the default, contexts that
+    # stop anywhere in a block, a sliding window spanning several blocks.
+    context_lens = [1, block_size, block_size + 3, 5 * block_size - 1, 200]
+    for window in (None, 2 * block_size + 5):
+        run_case(
+            seed=head_dim + block_size, heads=8, kv_heads=2, window=window, dtype=dtype,
+            query_lens=[1] * len(context_lens), context_lens=context_lens,
+            decode_path=decode_path, head_dim=head_dim, block_size=block_size,
+        )
+
+
+def test_kernel_results_do_not_depend_on_the_thread_count():
+    if not kernels.paged_decode_supported(torch.float32, 8, 4, 64, 16):
+        pytest.skip("no C compiler: the CPU kernel is not built here")
+    torch.manual_seed(0)
+    q = torch.randn(64, 8, 64)
+    k_pool, v_pool = torch.randn(2, 300, 4, 16, 64).unbind(0)
+    tables = torch.randperm(300)[:64 * 4].view(64, 4)
+    lens = torch.randint(1, 64, (64,))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = kernels.paged_decode(q, k_pool, v_pool, tables, lens, 0.125, None)
+        torch.set_num_threads(3)
+        three = kernels.paged_decode(q, k_pool, v_pool, tables, lens, 0.125, None)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, three)
+
+
+def test_without_a_compiler_attention_falls_back(tmp_path):
+    # A fresh process with no usable compiler and an empty kernel cache.
+    env = {**os.environ, "CC": "/nonexistent/cc", "BATCHINFER_KERNEL_CACHE": str(tmp_path)}
+    probe = (
+        "import torch; from engine import kernels; "
+        "print(kernels.paged_decode_supported(torch.float32, 4, 4, 64, 16))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True
+    )
+    assert result.stdout.strip() == "False"
+    assert "portable path" in result.stderr
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_workspace_is_reused_and_grows():

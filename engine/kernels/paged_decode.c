@@ -1,0 +1,227 @@
+/* Paged decode attention for CPUs: one query token per sequence against its KV blocks,
+ * read in place from the pool (no gather), with an online softmax in float32.
+ *
+ * Built and loaded by engine/kernels/__init__.py (plain C, no Python or torch headers, so it
+ * compiles in about a second). Layouts, all contiguous:
+ *   q, out        [batch, heads, head_dim]
+ *   k/v pool      [num_blocks, kv_heads, block_size, head_dim]
+ *   block_tables  [batch, table_width] int64, context_lens [batch] int64
+ * Query heads h*group .. h*group+group-1 share KV head h, so each KV row is read once per
+ * group. Work items are (sequence, KV head) pairs handed out to threads from an atomic
+ * counter: contexts differ in length, so static splits would leave threads idle.
+ */
+#include <math.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <string.h>
+
+enum { DTYPE_F32 = 0, DTYPE_BF16 = 1, DTYPE_F16 = 2 };
+enum { MAX_HEAD_DIM = 256, MAX_GROUP = 16, MAX_BLOCK_SIZE = 128, MAX_THREADS = 64 };
+
+typedef struct {
+    const void *q, *k_pool, *v_pool;
+    const int64_t *block_tables, *context_lens;
+    void *out;
+    int64_t batch, heads, kv_heads, head_dim, block_size, table_width, window;
+    float scale;
+    int dtype;
+    int64_t next_item;
+} Job;
+
+int batchinfer_kernel_limits(int64_t *head_dim, int64_t *group, int64_t *block_size) {
+    *head_dim = MAX_HEAD_DIM;
+    *group = MAX_GROUP;
+    *block_size = MAX_BLOCK_SIZE;
+#ifdef __FLT16_MAX__
+    return 1; /* float16 supported */
+#else
+    return 0;
+#endif
+}
+
+static inline float bf16_to_f32(uint16_t h) {
+    union { uint32_t bits; float value; } both = {.bits = (uint32_t)h << 16};
+    return both.value;
+}
+
+static inline uint16_t f32_to_bf16(float f) {
+    uint32_t bits;
+    memcpy(&bits, &f, sizeof bits);
+    bits += 0x7FFF + ((bits >> 16) & 1); /* round to nearest even */
+    return (uint16_t)(bits >> 16);
+}
+
+/* Element i of a pool or query tensor as float32. dtype is a constant at every call site
+ * (see attend_item), so the branches fold away and the loops below vectorize. */
+static inline __attribute__((always_inline)) float load_f32(const void *src, int64_t i,
+                                                            int dtype) {
+    if (dtype == DTYPE_BF16) return bf16_to_f32(((const uint16_t *)src)[i]);
+#ifdef __FLT16_MAX__
+    if (dtype == DTYPE_F16) return (float)((const _Float16 *)src)[i];
+#endif
+    return ((const float *)src)[i];
+}
+
+static inline __attribute__((always_inline)) void store_f32(void *dst, int64_t i, float value,
+                                                            int dtype) {
+    if (dtype == DTYPE_BF16) ((uint16_t *)dst)[i] = f32_to_bf16(value);
+#ifdef __FLT16_MAX__
+    else if (dtype == DTYPE_F16) ((_Float16 *)dst)[i] = (_Float16)value;
+#endif
+    else ((float *)dst)[i] = value;
+}
+
+/* exp(x) for x <= 0 in plain arithmetic, so that a loop of it vectorizes (libm's expf
+ * does not without -ffast-math): x = n*ln2 + r with |r| <= ln2/2, exp(r) by its degree-7
+ * Taylor-like minimax polynomial (relative error ~2e-7), 2^n put in the exponent bits.
+ * Below -87, exp underflows float32 anyway; clamping there keeps 2^n a normal number. */
+static inline float exp_nonpositive(float x) {
+    x = x < -87.0f ? -87.0f : x;
+    const float n = floorf(x * 1.44269504f + 0.5f);
+    const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    union { int32_t bits; float value; } scale = {.bits = ((int32_t)n + 127) << 23};
+    return p * scale.value;
+}
+
+/* q . pool[key : key + D]. Eight explicit lanes instead of a reduction loop: gcc
+ * vectorizes them with the bf16/fp16 conversion in registers, which it does not do for
+ * a reduction over mixed widths. */
+static inline __attribute__((always_inline)) float dot(const float *q, const void *pool,
+                                                       int64_t key, const int64_t D,
+                                                       int dtype) {
+    float lanes[8] = {0};
+    int64_t d = 0;
+    for (; d + 8 <= D; d += 8)
+        for (int l = 0; l < 8; l++) lanes[l] += q[d + l] * load_f32(pool, key + d + l, dtype);
+    float s = 0.0f;
+    for (; d < D; d++) s += q[d] * load_f32(pool, key + d, dtype);
+    for (int l = 0; l < 8; l++) s += lanes[l];
+    return s;
+}
+
+/* Blocks of a sequence lie anywhere in the pool: fetch the next one while this one is used. */
+static inline void prefetch_block(const Job *job, int64_t base) {
+    const int64_t item = job->dtype == DTYPE_F32 ? 4 : 2;
+    const int64_t bytes = job->block_size * job->head_dim * item;
+    const char *k = (const char *)job->k_pool + base * item;
+    const char *v = (const char *)job->v_pool + base * item;
+    for (int64_t off = 0; off < bytes; off += 64) {
+        __builtin_prefetch(k + off);
+        __builtin_prefetch(v + off);
+    }
+}
+
+/* One (sequence, KV head) work item. Inlined with constant D and dtype for the common
+ * head sizes, so the dot products and value sums compile to straight vector code that
+ * converts bf16/fp16 in registers. */
+static inline __attribute__((always_inline)) void attend_item(const Job *job, int64_t item,
+                                                              const int64_t D, const int dtype) {
+    const int64_t BS = job->block_size;
+    const int64_t group = job->heads / job->kv_heads;
+    const int64_t seq = item / job->kv_heads, kv_head = item % job->kv_heads;
+    const int64_t context = job->context_lens[seq];
+    const int64_t query_pos = context - 1;
+    int64_t first_key = 0;
+    if (job->window > 0 && query_pos - job->window + 1 > 0) first_key = query_pos - job->window + 1;
+
+    float q[MAX_GROUP][MAX_HEAD_DIM], acc[MAX_GROUP][MAX_HEAD_DIM];
+    float running_max[MAX_GROUP], denom[MAX_GROUP], scores[MAX_BLOCK_SIZE];
+    for (int64_t g = 0; g < group; g++) {
+        const int64_t row = (seq * job->heads + kv_head * group + g) * D;
+        for (int64_t d = 0; d < D; d++) q[g][d] = load_f32(job->q, row + d, dtype) * job->scale;
+        for (int64_t d = 0; d < D; d++) acc[g][d] = 0.0f;
+        running_max[g] = -INFINITY;
+        denom[g] = 0.0f;
+    }
+
+    const int64_t *table = job->block_tables + seq * job->table_width;
+    for (int64_t b = first_key / BS; b <= query_pos / BS; b++) {
+        const int64_t block_start = b * BS;
+        const int64_t lo = first_key > block_start ? first_key - block_start : 0;
+        const int64_t hi = context - block_start < BS ? context - block_start : BS;
+        const int64_t base = (table[b] * job->kv_heads + kv_head) * BS * D;
+        if (b < query_pos / BS) prefetch_block(job, (table[b + 1] * job->kv_heads + kv_head) * BS * D);
+        for (int64_t g = 0; g < group; g++) {
+            const float *qg = q[g];
+            float block_max = -INFINITY;
+            for (int64_t j = lo; j < hi; j++) {
+                const int64_t key = base + j * D;
+                const float s = dot(qg, job->k_pool, key, D, dtype);
+                scores[j] = s;
+                if (s > block_max) block_max = s;
+            }
+            const float new_max = block_max > running_max[g] ? block_max : running_max[g];
+            const float rescale = expf(running_max[g] - new_max); /* 0 on the first block */
+            float *a = acc[g];
+            denom[g] *= rescale;
+            for (int64_t d = 0; d < D; d++) a[d] *= rescale;
+            for (int64_t j = lo; j < hi; j++) scores[j] = exp_nonpositive(scores[j] - new_max);
+            for (int64_t j = lo; j < hi; j++) {
+                const float p = scores[j];
+                const int64_t value = base + j * D;
+                denom[g] += p;
+#pragma omp simd
+                for (int64_t d = 0; d < D; d++) a[d] += p * load_f32(job->v_pool, value + d, dtype);
+            }
+            running_max[g] = new_max;
+        }
+    }
+    for (int64_t g = 0; g < group; g++) {
+        const int64_t row = (seq * job->heads + kv_head * group + g) * D;
+        const float inv = 1.0f / denom[g];
+        for (int64_t d = 0; d < D; d++) store_f32(job->out, row + d, acc[g][d] * inv, dtype);
+    }
+}
+
+#define ATTEND_WITH_DIM(DTYPE)                                                      \
+    switch (job->head_dim) {                                                        \
+    case 64: attend_item(job, item, 64, DTYPE); break;                              \
+    case 128: attend_item(job, item, 128, DTYPE); break;                            \
+    default: attend_item(job, item, job->head_dim, DTYPE);                          \
+    }
+
+static void attend_one(const Job *job, int64_t item) {
+    if (job->dtype == DTYPE_BF16) {
+        ATTEND_WITH_DIM(DTYPE_BF16)
+    } else if (job->dtype == DTYPE_F16) {
+        ATTEND_WITH_DIM(DTYPE_F16)
+    } else {
+        ATTEND_WITH_DIM(DTYPE_F32)
+    }
+}
+
+static void *worker(void *arg) {
+    Job *job = (Job *)arg;
+    const int64_t items = job->batch * job->kv_heads;
+    for (;;) {
+        const int64_t item = __atomic_fetch_add(&job->next_item, 1, __ATOMIC_RELAXED);
+        if (item >= items) return NULL;
+        attend_one(job, item);
+    }
+}
+
+void batchinfer_paged_decode(const void *q, const void *k_pool, const void *v_pool,
+                             const int64_t *block_tables, const int64_t *context_lens, void *out,
+                             int64_t batch, int64_t heads, int64_t kv_heads, int64_t head_dim,
+                             int64_t block_size, int64_t table_width, int64_t window, float scale,
+                             int dtype, int num_threads) {
+    Job job = {q, k_pool, v_pool, block_tables, context_lens, out, batch, heads, kv_heads,
+               head_dim, block_size, table_width, window, scale, dtype, 0};
+    pthread_t threads[MAX_THREADS];
+    int started = 0;
+    if (num_threads > MAX_THREADS) num_threads = MAX_THREADS;
+    if (num_threads > batch * kv_heads) num_threads = (int)(batch * kv_heads);
+    for (int t = 1; t < num_threads; t++) {
+        if (pthread_create(&threads[started], NULL, worker, &job) != 0) break;
+        started++;
+    }
+    worker(&job); /* the calling thread works too; fewer threads only means slower */
+    for (int t = 0; t < started; t++) pthread_join(threads[t], NULL);
+}
