@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from pathlib import Path
@@ -54,11 +55,33 @@ def cpu_has_bf16() -> bool:
     """Whether the CPU computes bfloat16 natively (AVX512-BF16 or AMX)."""
     if "AMX" in torch.backends.cpu.get_cpu_capability():
         return True
+    return bool(_cpu_flags() & {"avx512_bf16", "amx_bf16"})
+
+
+@functools.cache
+def cpu_matmul_upcasts(dtype: torch.dtype) -> bool:
+    """Whether CPU matmuls in `dtype` should run in float32 over the same values.
+
+    Without bf16/fp16 instructions torch emulates half-precision GEMMs: on an AVX2 EPYC,
+    one thread, [256, 768] x [768, 2048] took 124 ms in bfloat16 and 17 ms converted to
+    float32 and back. The float32 product of half-precision values, rounded once, is what
+    a native half-precision GEMM with float32 accumulation returns.
+    """
+    if dtype == torch.bfloat16:
+        return not cpu_has_bf16()
+    if dtype == torch.float16:
+        return not _cpu_flags() & {"avx512_fp16", "amx_fp16"}
+    return False
+
+
+@functools.cache
+def _cpu_flags() -> frozenset[str]:
     try:
         cpuinfo = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return False
-    return re.search(r"\b(avx512_bf16|amx_bf16)\b", cpuinfo) is not None
+        return frozenset()
+    match = re.search(r"^flags\s*:(.*)$", cpuinfo, re.MULTILINE)
+    return frozenset(match.group(1).split()) if match else frozenset()
 
 
 def parse_memory_size(value: int | str) -> int:

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.device import cpu_matmul_upcasts
+
 
 class RMSNorm(nn.Module):
     """Root-mean-square norm, computed in float32 like Hugging Face's LlamaRMSNorm."""
@@ -26,8 +28,26 @@ def silu_and_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear, computed in float32 for CPU weights whose dtype torch only emulates there.
+
+    Weights stay stored in their dtype; the float32 copy lives for one call. The result is
+    rounded back to x's dtype, as a native GEMM with float32 accumulation would return it.
+    A single row stays in the weight's dtype: there torch's GEMV beats converting the
+    weight (768 x 2048 in bfloat16 on an AVX2 EPYC: 0.34 ms vs 0.44-0.8 ms; even at 2 rows).
+    """
+    single_row = x.numel() <= x.shape[-1]
+    if weight.device.type != "cpu" or single_row or not cpu_matmul_upcasts(weight.dtype):
+        return F.linear(x, weight, bias)
+    bias = None if bias is None else bias.float()
+    return F.linear(x.float(), weight.float(), bias).to(x.dtype)
+
+
 class Projection(nn.Linear):
     """A projection made by make_linear: what a quantized load replaces with a QuantLinear."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
 
 
 def make_linear(in_features: int, out_features: int, bias: bool) -> nn.Module:

@@ -11,7 +11,7 @@ from torch import nn
 
 from engine.attention import AttentionMetadata, PagedAttention
 from engine.config import ModelConfig
-from engine.layers import RMSNorm, make_linear, silu_and_mul
+from engine.layers import RMSNorm, linear, make_linear, silu_and_mul
 from engine.rope import RotaryEmbedding
 
 
@@ -122,4 +122,4 @@ class CausalLM(nn.Module):
             hidden = layer(hidden, positions, self.model.rotary_emb, attn_metadata)
         # The final norm is per row, so only the sampled rows need it.
         hidden = self.model.norm(hidden[logits_rows])
-        return self.lm_head(hidden).float()
+        return linear(hidden, self.lm_head.weight).float()

@@ -754,19 +754,30 @@ def task_peaks(task: dict[str, Any]) -> dict[str, Any]:
             if elapsed >= min_seconds:
                 return elapsed / reps
 
-    def matmul_flops(tokens: int) -> float:
+    def matmul_flops(tokens: int, dtype: Any) -> float:
         a = torch.randn(tokens, hidden, device=device, dtype=dtype)
         b = torch.randn(hidden, inter, device=device, dtype=dtype)
         return 2 * tokens * hidden * inter / timed(lambda: torch.matmul(a, b), task["min_seconds"])
 
+    def best_matmul(tokens: int) -> tuple[float, str]:
+        """FLOP/s of the faster of the dtype's own kernels and float32 (which the engine
+        uses on CPUs without bf16/fp16 instructions): the bound must be the best path."""
+        paths = {"native": matmul_flops(tokens, dtype)}
+        if dtype != torch.float32:
+            paths["float32"] = matmul_flops(tokens, torch.float32)
+        path = max(paths, key=paths.__getitem__)
+        return paths[path], path
+
     # Summing float32 reads every byte once; the result is one number, so writes are nil.
     big = torch.ones(task["bandwidth_bytes"] // 4, device=device, dtype=torch.float32)
     bandwidth = task["bandwidth_bytes"] / timed(big.sum, task["min_seconds"])
+    peak, peak_path = best_matmul(task["tokens"])
+    decode, decode_path = best_matmul(task["decode_tokens"])
     return {
         "status": "ok", "matmul_tokens": task["tokens"],
         "matmul_shape": f"[{task['tokens']},{hidden}]x[{hidden},{inter}] {task['dtype']}",
-        "peak_flops": matmul_flops(task["tokens"]),
-        "decode_matmul_flops": matmul_flops(task["decode_tokens"]),
+        "peak_flops": peak, "matmul_path": peak_path,
+        "decode_matmul_flops": decode, "decode_matmul_path": decode_path,
         "bandwidth_bytes_per_s": bandwidth, "bandwidth_tensor_bytes": task["bandwidth_bytes"],
     }
 
@@ -890,7 +901,8 @@ def print_table(report: dict[str, Any]) -> None:
     if roof.get("status") == "ok":
         cost = roof["workload"]
         log(f"roofline: {roof['peak_flops'] / 1e12:.2f} TFLOP/s at {roof['matmul_shape']} "
-            f"({roof['decode_matmul_flops'] / 1e12:.2f} at decode rows), "
+            f"via {roof['matmul_path']} ({roof['decode_matmul_flops'] / 1e12:.2f} at decode "
+            f"rows via {roof['decode_matmul_path']}), "
             f"{roof['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s read")
         log(f"  workload {cost['flops'] / 1e12:.2f} TFLOP, KV traffic {cost['kv_bytes'] / 1e9:.2f} "
             f"GB; bound {fmt(roof['min_steps_bound_s'], '.3f')} s at the fewest possible steps "

@@ -39,6 +39,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from engine.layers import linear
 from engine.quant.gptq import SUPPORTED_BITS, QuantConfig, unpack_gptq
 
 _INT4_KERNEL_GROUP_SIZES = (256, 128, 64, 32)
@@ -117,7 +118,7 @@ class _Int8PerGroup:
             for start in range(0, size, _FALLBACK_CHUNK):
                 stop = min(start + _FALLBACK_CHUNK, size)
                 xs = x[:, g * size + start : g * size + stop]
-                product = (xs @ codes[:, start:stop].to(x.dtype).t()).float()
+                product = linear(xs, codes[:, start:stop].to(x.dtype)).float()
                 part = product if part is None else part + product
             y += part * scales.float()
         return y
@@ -228,13 +229,13 @@ class _DequantChunked:
             first_group = start // self.group_size
             if self.bits == 8:
                 w = self._dequant(self.qweight[:, start:stop], first_group, x.dtype)
-                y += x[:, start:stop] @ w.t()
+                y += linear(x[:, start:stop], w)
                 continue
             packed = self.qweight[:, start // 2 : stop // 2]
             low = self._dequant(packed & 15, first_group, x.dtype)
-            y += x[:, start:stop:2] @ low.t()
+            y += linear(x[:, start:stop:2], low)
             high = self._dequant(packed >> 4, first_group, x.dtype)
-            y += x[:, start + 1 : stop : 2] @ high.t()
+            y += linear(x[:, start + 1 : stop : 2], high)
         return y.to(x.dtype)
 
     def nbytes(self) -> int:
