@@ -20,8 +20,8 @@ is slow for one query row and strided K/V), and fresh allocations of the gathere
 
 On CPUs, decode tokens go instead to a small C kernel (engine/kernels) that reads each
 sequence's blocks in place from the pool with an online softmax in float32: it moves only
-the KV bytes themselves, about 2-4x faster per layer than the gather above on a 2-core
-AVX2 CPU. The portable path stays for CUDA and for machines without a C compiler.
+the KV bytes themselves (one layer, 256 decodes over contexts of 16-512, one AVX2 core:
+63 ms float32 / 50 ms bfloat16 against 178 / 482 ms for the gather above). The portable path stays for CUDA and for machines without a C compiler.
 
 Prefill chunks (several queries of one sequence) go to scaled_dot_product_attention, one
 call per chunk: over the chunk's own K/V when nothing is cached before it (no gather),
