@@ -55,7 +55,7 @@ def cpu_has_bf16() -> bool:
     """Whether the CPU computes bfloat16 natively (AVX512-BF16 or AMX)."""
     if "AMX" in torch.backends.cpu.get_cpu_capability():
         return True
-    return bool(_cpu_flags() & {"avx512_bf16", "amx_bf16"})
+    return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
 
 
 @functools.cache
@@ -70,17 +70,18 @@ def cpu_matmul_upcasts(dtype: torch.dtype) -> bool:
     if dtype == torch.bfloat16:
         return not cpu_has_bf16()
     if dtype == torch.float16:
-        return not _cpu_flags() & {"avx512_fp16", "amx_fp16"}
+        return not cpu_flags() & {"avx512_fp16", "amx_fp16"}
     return False
 
 
 @functools.cache
-def _cpu_flags() -> frozenset[str]:
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags from /proc/cpuinfo ("flags" on x86, "Features" on ARM)."""
     try:
         cpuinfo = Path("/proc/cpuinfo").read_text()
     except OSError:
         return frozenset()
-    match = re.search(r"^flags\s*:(.*)$", cpuinfo, re.MULTILINE)
+    match = re.search(r"^(?:flags|Features)\s*:(.*)$", cpuinfo, re.MULTILINE)
     return frozenset(match.group(1).split()) if match else frozenset()
 
 

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from engine.device import cpu_flags
+
 log = logging.getLogger(__name__)
 
 _SOURCE = Path(__file__).with_name("paged_decode.c")
@@ -46,23 +48,12 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "batchinfer" / "kernels"
 
 
-def _cpu_flags() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                return line
-    except OSError:
-        pass
-    return ""
-
-
 def _compile(compiler: str) -> Path:
     version = subprocess.run(
         [compiler, "--version"], capture_output=True, text=True, check=True
     ).stdout
-    key = hashlib.sha256(
-        "\0".join([_SOURCE.read_text(), version, " ".join(_FLAGS), _cpu_flags()]).encode()
-    ).hexdigest()[:16]
+    parts = [_SOURCE.read_text(), version, " ".join(_FLAGS), " ".join(sorted(cpu_flags()))]
+    key = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
     target = cache_dir() / f"paged_decode-{key}.so"
     if target.is_file():
         return target
