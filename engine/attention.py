@@ -18,10 +18,11 @@ contexts padded to the longest and calling scaled_dot_product_attention (whose C
 is slow for one query row and strided K/V), and fresh allocations of the gathered KV
 (page faults on every step) cost more than the copy itself, hence the reused buffer.
 
-On CPUs, decode tokens go instead to a small C kernel (engine/kernels) that reads each
-sequence's blocks in place from the pool with an online softmax in float32: it moves only
-the KV bytes themselves (one layer, 256 decodes over contexts of 16-512, one AVX2 core:
-63 ms float32 / 50 ms bfloat16 against 178 / 482 ms for the gather above). The portable path stays for CUDA and for machines without a C compiler.
+Where a kernel exists (engine/kernels: C on CPUs, Triton on CUDA), decode tokens go to it
+instead: it reads each sequence's blocks in place from the pool with an online softmax in
+float32, moving only the KV bytes themselves (one layer, 256 decodes over contexts of
+16-512, one AVX2 core: 63 ms float32 / 50 ms bfloat16 against 178 / 482 ms for the gather
+above). The portable path stays for machines without a C compiler or Triton.
 
 Prefill chunks (several queries of one sequence) go to scaled_dot_product_attention, one
 call per chunk: over the chunk's own K/V when nothing is cached before it (no gather),
@@ -88,7 +89,7 @@ class DecodeBatch:
     rows: torch.Tensor  # [B] row of each decode token in the flat batch
     block_tables: torch.Tensor  # [B, width] int64, padded with block 0
     context_lens: torch.Tensor  # [B] int64, the query included
-    pairs: dict[int | None, DecodePairs] | None  # by sliding window; None: the CPU kernel
+    pairs: dict[int | None, DecodePairs] | None  # by sliding window; None: engine.kernels
 
 
 @dataclass
@@ -129,13 +130,13 @@ def build_attention_metadata(
     windows: set[int | None],
     device: torch.device,
     workspace: Workspace | None = None,
-    cpu_kernel: bool = False,
+    decode_kernel: bool = False,
 ) -> AttentionMetadata:
     """Describe a step's flat batch (CPU tensors in, device tensors out).
 
     Sequence i contributes query_lens[i] consecutive rows at the given positions, which
     are the last positions of its context (cached or earlier tokens come before them).
-    cpu_kernel: decode tokens go to engine.kernels.paged_decode, which needs no pairs.
+    decode_kernel: decode tokens go to engine.kernels.paged_decode, which needs no pairs.
     """
     num_seqs = len(query_lens)
     tables = padded_block_tables(block_tables)
@@ -152,7 +153,7 @@ def build_attention_metadata(
         decode_seqs = torch.nonzero(is_decode).flatten()
         decode = _decode_batch(
             row_starts[decode_seqs], context_lens[decode_seqs], tables[decode_seqs],
-            block_size, None if cpu_kernel else windows, device,
+            block_size, None if decode_kernel else windows, device,
         )
     prefills = [
         _prefill_chunk(

@@ -38,7 +38,10 @@ class LLM:
         enable_prefix_caching: bool = True,
         seed: int = 0,
         max_model_len: int | None = None,
+        enforce_eager: bool = False,
     ) -> None:
+        """As vLLM's LLM. enforce_eager: never replay decode steps from CUDA graphs
+        (engine/cuda_graphs.py; on CUDA they are captured at start-up by default)."""
         for name, value in (
             ("block_size", block_size),
             ("max_num_seqs", max_num_seqs),
@@ -75,9 +78,13 @@ class LLM:
         )
         self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens)
-        self.runner = ModelRunner(self.model, num_blocks, block_size, self.dtype, self.device, seed)
         # A sequence may grow only as long as both the context and the whole pool allow.
         self._max_seq_len = min(max_model_len, num_blocks * block_size)
+        self.runner = ModelRunner(
+            self.model, num_blocks, block_size, self.dtype, self.device, seed,
+            decode_graphs=self.device.type == "cuda" and not enforce_eager,
+            max_num_seqs=max_num_seqs, max_seq_len=self._max_seq_len,
+        )
         tokenizer_eos = self.tokenizer.eos_token_id
         self._eos_token_ids = frozenset(
             self.config.eos_token_ids + (() if tokenizer_eos is None else (tokenizer_eos,))

@@ -6,6 +6,7 @@ import torch
 
 from engine import kernels
 from engine.attention import Workspace, build_attention_metadata
+from engine.cuda_graphs import DecodeGraphs
 from engine.model import CausalLM
 from engine.sampler import Sampler
 from engine.scheduler import ScheduledBatch
@@ -27,26 +28,41 @@ class ModelRunner:
         dtype: torch.dtype,
         device: torch.device,
         seed: int,
+        decode_graphs: bool = False,
+        max_num_seqs: int = 256,
+        max_seq_len: int = 0,
     ) -> None:
+        """decode_graphs: run decode-only steps of up to max_num_seqs sequences (of up to
+        max_seq_len tokens) through engine.cuda_graphs, where the decode kernel applies
+        (captured on CUDA; on CPUs the same padded steps run eagerly, for tests)."""
         self.model = model
         self.block_size = block_size
         self.device = device
         self.sampler = Sampler(device, seed)
         self.windows = set(model.config.sliding_windows)
         config = model.config
+        self.decode_kernel = kernels.paged_decode_supported(
+            device, dtype, config.num_heads, config.num_kv_heads, config.head_dim, block_size
+        )
+        use_graphs = decode_graphs and self.decode_kernel
         # Zero-filled: padded reads of never-written slots must be finite (they are masked).
         # Layout [layer, K/V, block, kv_head, offset, head_dim]: see engine/attention.py.
+        # With graphs, one more block than the block manager hands out: padding rows' K/V.
         self.kv_cache = torch.zeros(
-            config.num_layers, 2, num_blocks, config.num_kv_heads, block_size, config.head_dim,
-            dtype=dtype, device=device,
+            config.num_layers, 2, num_blocks + use_graphs, config.num_kv_heads, block_size,
+            config.head_dim, dtype=dtype, device=device,
         )
         self.workspace = Workspace()  # attention's gather buffers, shared by all layers
-        self.cpu_kernel = device.type == "cpu" and kernels.paged_decode_supported(
-            dtype, config.num_heads, config.num_kv_heads, config.head_dim, block_size
-        )
         for layer, cache in zip(model.model.layers, self.kv_cache, strict=True):
             layer.self_attn.attn.k_cache = cache[0]
             layer.self_attn.attn.v_cache = cache[1]
+        self.graphs: DecodeGraphs | None = None
+        if use_graphs:
+            graphs = DecodeGraphs(
+                model, max_num_seqs, -(-max_seq_len // block_size), num_blocks, device
+            )
+            if device.type != "cuda" or graphs.capture():
+                self.graphs = graphs
 
     def run(self, batch: ScheduledBatch) -> dict[Sequence, int]:
         """Compute the batch's tokens; sample the next token of every sequence whose
@@ -63,19 +79,36 @@ class ModelRunner:
                 logits_rows.append(len(input_ids) - 1)
                 sampled.append(seq)
         positions_cpu = torch.tensor(positions, dtype=torch.int64)
-        meta = build_attention_metadata(
-            positions_cpu, batch.num_new_tokens, [seq.block_table for seq in batch.seqs],
-            self.block_size, self.windows, self.device, self.workspace, self.cpu_kernel,
-        )
-        logits = self.model(
-            torch.tensor(input_ids, dtype=torch.int64, device=self.device),
-            positions_cpu.to(self.device),
-            meta,
-            torch.tensor(logits_rows, dtype=torch.int64, device=self.device),
-        )
+        ids_cpu = torch.tensor(input_ids, dtype=torch.int64)
+        rows_cpu = torch.tensor(logits_rows, dtype=torch.int64)
+        tables = [seq.block_table for seq in batch.seqs]
+        if self._replays(batch):
+            assert self.graphs is not None
+            meta = build_attention_metadata(
+                positions_cpu, batch.num_new_tokens, tables, self.block_size, self.windows,
+                torch.device("cpu"), decode_kernel=True,
+            )
+            logits = self.graphs.run(ids_cpu, positions_cpu, meta)[rows_cpu.to(self.device)]
+        else:
+            meta = build_attention_metadata(
+                positions_cpu, batch.num_new_tokens, tables, self.block_size, self.windows,
+                self.device, self.workspace, self.decode_kernel,
+            )
+            logits = self.model(
+                ids_cpu.to(self.device), positions_cpu.to(self.device), meta,
+                rows_cpu.to(self.device),
+            )
         if not sampled:
             return {}
         tokens = self.sampler(
             logits, [seq.params for seq in sampled], [seq.generator for seq in sampled]
         )
         return dict(zip(sampled, tokens, strict=True))
+
+    def _replays(self, batch: ScheduledBatch) -> bool:
+        """Whether this step goes through the decode graphs: every sequence decodes."""
+        return (
+            self.graphs is not None
+            and len(batch.seqs) <= self.graphs.max_batch
+            and all(num_new == 1 for num_new in batch.num_new_tokens)
+        )

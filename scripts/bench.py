@@ -10,6 +10,10 @@ One run, one model, one dtype, one set of rows with skewed lengths, three system
           one request per row with the row's max_new_tokens and EOS disabled.
   engine  `engine.LLM.generate` with SamplingParams(max_tokens=row's, temperature=0,
           ignore_eos=True) per row.
+  engine-eager
+          the same with LLM(enforce_eager=True): no CUDA graphs (on CPUs the same as
+          engine). Not run by default: `--systems engine,engine-eager` shows what the
+          graphs give on a GPU.
 
 Every system must produce the same number of useful tokens (the sum of the rows'
 max_tokens); the JSON says whether they did. Each system runs in its own child process so
@@ -23,7 +27,7 @@ system's wall time against the roofline bound of the workload.
     python scripts/bench.py --quick                      # seconds; what tests/test_bench.py runs
 
 JSON goes to stdout (or --out FILE), a readable table to stderr. Top-level keys:
-schema, command, config, machine, model, workload, systems{naive,hf-cb,engine},
+schema, command, config, machine, model, workload, systems{naive,hf-cb,engine[,engine-eager]},
 expected_useful_tokens, useful_tokens_match, roofline, quant[]. A system entry has
 status ("ok" | "skipped" | "error"), note/error, wall_s, rows, prompt_tokens,
 useful_tokens, useful_tok_s, total_tok_s, ratio_vs_naive, mean_batch_fill, preemptions,
@@ -61,7 +65,8 @@ if str(REPO_ROOT) not in sys.path:  # run as a file: make `scripts` and `engine`
     sys.path.insert(0, str(REPO_ROOT))
 
 SCHEMA = "batchinfer.bench/1"
-SYSTEMS = ("naive", "hf-cb", "engine")
+SYSTEMS = ("naive", "hf-cb", "engine", "engine-eager")
+DEFAULT_SYSTEMS = ["naive", "hf-cb", "engine"]
 FLOAT_PRECISIONS = ("float32", "bfloat16", "float16")
 QUANT_PRECISIONS = ("int8", "int4")
 MIB = 1024 * 1024
@@ -142,8 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["auto", *FLOAT_PRECISIONS],
                    help="auto: bfloat16 on CUDA or a CPU with avx512_bf16/AMX, else float32")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--systems", type=lambda s: parse_list(s, SYSTEMS), default=list(SYSTEMS),
-                   help="comma list of naive,hf-cb,engine (default: all; absent ones are skipped)")
+    p.add_argument("--systems", type=lambda s: parse_list(s, SYSTEMS), default=DEFAULT_SYSTEMS,
+                   help="comma list of naive,hf-cb,engine,engine-eager (default: "
+                        "naive,hf-cb,engine; absent ones are skipped)")
     p.add_argument("--naive-batch", type=int,
                    help="rows per HF generate call (default 32: a usual hand-picked batch; "
                         "bigger batches waste more steps waiting for the batch's longest row)")
@@ -498,7 +504,7 @@ def child_main(task_file: str) -> None:
     task = json.loads(Path(task_file).read_text())
     tasks: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
         "build": task_build, "peaks": task_peaks, "naive": task_naive, "hf-cb": task_hf_cb,
-        "engine": task_engine,
+        "engine": task_engine, "engine-eager": task_engine,
     }
     try:
         result = tasks[task["kind"]](task)
@@ -691,6 +697,8 @@ def task_engine(task: dict[str, Any]) -> dict[str, Any]:
     )
     if task.get("quantization"):
         kwargs["quantization"] = task["quantization"]
+    if task["kind"] == "engine-eager":
+        kwargs["enforce_eager"] = True
     if task["kv_cache_bytes"] is not None:
         kwargs["kv_cache_memory"] = task["kv_cache_bytes"]
     llm = LLM(**kwargs)

@@ -17,6 +17,10 @@ SHARED_MODELS = REPO_ROOT.parent / "shared" / "models"
 
 # Two cores are shared by the test process and the worker processes it starts.
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+# Without a GPU, Triton kernels run in Triton's interpreter on CPU tensors
+# (tests/engine/test_engine_attention.py); it must be chosen before Triton is imported.
+if not os.path.exists("/dev/nvidia0"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 # Tests must never reach the machine's own Redis or a real cloud.
 for _var in ("BATCHINFER_BROKER_URL", "BATCHINFER_STORE_URL", "AWS_PROFILE"):
     os.environ.pop(_var, None)

@@ -27,10 +27,18 @@ def engine_options() -> dict:
         ("BATCHINFER_KV_CACHE_MEMORY", "kv_cache_memory", str),
         ("BATCHINFER_MAX_NUM_SEQS", "max_num_seqs", int),
         ("BATCHINFER_MAX_NUM_BATCHED_TOKENS", "max_num_batched_tokens", int),
+        ("BATCHINFER_ENFORCE_EAGER", "enforce_eager", _flag),
     ):
         if os.environ.get(env):
             options[key] = cast(os.environ[env])
     return options
+
+
+def _flag(value: str) -> bool:
+    words = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
+    if value.strip().lower() not in words:
+        raise ValueError(f"expected 1/0, true/false or yes/no, got {value!r}")
+    return words[value.strip().lower()]
 
 
 def get_engine(model_path: str) -> LLM:

@@ -5,7 +5,8 @@
  * compiles in about a second). Layouts, all contiguous:
  *   q, out        [batch, heads, head_dim]
  *   k/v pool      [num_blocks, kv_heads, block_size, head_dim]
- *   block_tables  [batch, table_width] int64, context_lens [batch] int64
+ *   block_tables  [batch, table_width] int64, context_lens [batch] int64 (0: a padding
+ *                 row, written as zeros)
  * Query heads h*group .. h*group+group-1 share KV head h, so each KV row is read once per
  * group. Work items are (sequence, KV head) pairs handed out to threads from an atomic
  * counter: contexts differ in length, so static splits would leave threads idle.
@@ -127,6 +128,11 @@ static inline __attribute__((always_inline)) void attend_item(const Job *job, in
     const int64_t group = job->heads / job->kv_heads;
     const int64_t seq = item / job->kv_heads, kv_head = item % job->kv_heads;
     const int64_t context = job->context_lens[seq];
+    if (context <= 0) { /* a padding row of a fixed-size batch */
+        for (int64_t i = 0; i < job->heads / job->kv_heads * D; i++)
+            store_f32(job->out, (seq * job->heads + kv_head * group) * D + i, 0.0f, dtype);
+        return;
+    }
     const int64_t query_pos = context - 1;
     int64_t first_key = 0;
     if (job->window > 0 && query_pos - job->window + 1 > 0) first_key = query_pos - job->window + 1;

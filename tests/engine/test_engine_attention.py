@@ -2,8 +2,8 @@
 
 Ragged contexts (one token, exact block multiples, partial blocks), grouped-query heads,
 sliding windows, decode rows and prefill chunks (with and without a cached prefix) in
-one flat batch, random block tables. Decode rows run through both the portable PyTorch
-path and the CPU kernel (engine/kernels).
+one flat batch, random block tables. Decode rows run through the portable PyTorch path,
+the CPU kernel and the Triton kernel (engine/kernels; Triton's interpreter on CPUs).
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def reference(q, keys, values, query_positions, window, scale):
     return torch.einsum("hnk,khd->nhd", torch.softmax(scores, -1), values)
 
 
-DECODE_PATHS = ["portable", "kernel"]
+DECODE_PATHS = ["portable", "kernel", "triton"]
 
 
 def run_case(seed, heads, kv_heads, window, dtype, query_lens, context_lens,
@@ -73,7 +73,7 @@ def run_case(seed, heads, kv_heads, window, dtype, query_lens, context_lens,
     q = torch.randn(sum(query_lens), heads, head_dim).to(dtype)
     meta = build_attention_metadata(
         torch.tensor(positions), query_lens, tables, block_size, {window},
-        torch.device("cpu"), Workspace(), cpu_kernel=decode_path == "kernel",
+        torch.device("cpu"), Workspace(), decode_kernel=decode_path != "portable",
     )
     out = attn(q, torch.cat(new_k), torch.cat(new_v), meta)
 
@@ -94,21 +94,42 @@ def run_case(seed, heads, kv_heads, window, dtype, query_lens, context_lens,
         assert torch.equal(attn.k_cache[table[p // block_size], :, p % block_size], k[p])
 
 
+@pytest.fixture
+def triton_on_test_tensors(monkeypatch):
+    """engine.kernels.triton_decode behind engine.kernels.paged_decode, on the CPU test
+    tensors: in Triton's interpreter (tests/conftest.py), or compiled on the GPU."""
+    pytest.importorskip("triton", reason="Triton is not installed")
+    from engine.kernels import triton_decode
+
+    if torch.cuda.is_available():
+        def run(*args):
+            moved = [a.cuda() if isinstance(a, torch.Tensor) else a for a in args]
+            return triton_decode.paged_decode(*moved).cpu()
+    elif os.environ.get("TRITON_INTERPRET") == "1":
+        run = triton_decode.paged_decode
+    else:
+        pytest.skip("no GPU and Triton's interpreter is off")
+    monkeypatch.setattr(kernels, "paged_decode", run)
+
+
 @pytest.fixture(params=DECODE_PATHS)
 def decode_path(request):
     if request.param == "kernel" and not kernels.paged_decode_supported(
-        torch.float32, 4, 1, 128, 16
+        torch.device("cpu"), torch.float32, 4, 1, 128, 16
     ):
         pytest.skip("no C compiler: the CPU kernel is not built here")
+    if request.param == "triton":
+        request.getfixturevalue("triton_on_test_tensors")
     return request.param
 
 
 def test_the_kernel_builds_where_a_c_compiler_exists():
     if not (os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")):
         pytest.skip("no C compiler on this machine")
+    cpu = torch.device("cpu")
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
-        assert kernels.paged_decode_supported(dtype, 32, 8, 128, 16)
-    assert not kernels.paged_decode_supported(torch.float32, 64, 1, 128, 16)  # group > 16
+        assert kernels.paged_decode_supported(cpu, dtype, 32, 8, 128, 16)
+    assert not kernels.paged_decode_supported(cpu, torch.float32, 64, 1, 128, 16)  # group > 16
 
 
 @pytest.mark.parametrize("window", [None, 5, 9])
@@ -150,7 +171,7 @@ def test_kernel_at_model_shapes(dtype, head_dim, block_size, decode_path):
 
 
 def test_kernel_results_do_not_depend_on_the_thread_count():
-    if not kernels.paged_decode_supported(torch.float32, 8, 4, 64, 16):
+    if not kernels.paged_decode_supported(torch.device("cpu"), torch.float32, 8, 4, 64, 16):
         pytest.skip("no C compiler: the CPU kernel is not built here")
     torch.manual_seed(0)
     q = torch.randn(64, 8, 64)
@@ -173,7 +194,7 @@ def test_without_a_compiler_attention_falls_back(tmp_path):
     env = {**os.environ, "CC": "/nonexistent/cc", "BATCHINFER_KERNEL_CACHE": str(tmp_path)}
     probe = (
         "import torch; from engine import kernels; "
-        "print(kernels.paged_decode_supported(torch.float32, 4, 4, 64, 16))"
+        "print(kernels.paged_decode_supported(torch.device('cpu'), torch.float32, 4, 4, 64, 16))"
     )
     result = subprocess.run(
         [sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True

@@ -1,0 +1,134 @@
+"""The CPU decode kernel (paged_decode.c), compiled on first use with the machine's C compiler.
+
+The C source includes no Python or torch headers: one `cc` call builds a shared library
+in about a second, loaded with ctypes (which releases the GIL while a kernel runs). The
+library is cached under BATCHINFER_KERNEL_CACHE (default ~/.cache/batchinfer/kernels),
+keyed by the source, the compiler and the CPU's feature flags (it is built with
+-march=native). Where no compiler works, `supported` is False and attention uses its
+portable PyTorch path: slower on CPUs, same results.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from engine.device import cpu_flags
+
+log = logging.getLogger(__name__)
+
+_SOURCE = Path(__file__).with_name("paged_decode.c")
+_FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fPIC", "-shared", "-pthread"]
+_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
+@dataclass(frozen=True)
+class _Kernel:
+    library: ctypes.CDLL
+    max_head_dim: int
+    max_group: int
+    max_block_size: int
+    dtypes: frozenset[torch.dtype]
+
+
+def cache_dir() -> Path:
+    configured = os.environ.get("BATCHINFER_KERNEL_CACHE")
+    if configured:
+        return Path(configured)
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "batchinfer" / "kernels"
+
+
+def _compile(compiler: str) -> Path:
+    version = subprocess.run(
+        [compiler, "--version"], capture_output=True, text=True, check=True
+    ).stdout
+    parts = [_SOURCE.read_text(), version, " ".join(_FLAGS), " ".join(sorted(cpu_flags()))]
+    key = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
+    target = cache_dir() / f"paged_decode-{key}.so"
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Build beside the target and rename: processes starting together never load a
+    # half-written library.
+    with tempfile.TemporaryDirectory(dir=target.parent) as build_dir:
+        built = Path(build_dir) / target.name
+        subprocess.run(
+            [compiler, *_FLAGS, str(_SOURCE), "-o", str(built), "-lm"],
+            capture_output=True, text=True, check=True,
+        )
+        os.replace(built, target)
+    return target
+
+
+@functools.cache
+def _kernel() -> _Kernel | None:
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if not compiler:
+        log.warning("no C compiler found: CPU attention uses the slower portable path")
+        return None
+    try:
+        library = ctypes.CDLL(str(_compile(compiler)))
+    except (OSError, subprocess.CalledProcessError) as exc:
+        detail = getattr(exc, "stderr", "") or str(exc)
+        log.warning("CPU attention kernel unavailable, using the portable path: %s", detail)
+        return None
+    limits = [ctypes.c_int64() for _ in range(3)]
+    has_f16 = library.batchinfer_kernel_limits(*(ctypes.byref(limit) for limit in limits))
+    library.batchinfer_paged_decode.restype = None
+    library.batchinfer_paged_decode.argtypes = (
+        [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 7 + [ctypes.c_float, ctypes.c_int, ctypes.c_int]
+    )
+    dtypes = {torch.float32, torch.bfloat16} | ({torch.float16} if has_f16 else set())
+    return _Kernel(library, *(limit.value for limit in limits), frozenset(dtypes))
+
+
+def supported(
+    dtype: torch.dtype, num_heads: int, num_kv_heads: int, head_dim: int, block_size: int
+) -> bool:
+    """Whether `paged_decode` can run this shape on this machine."""
+    kernel = _kernel()
+    return (
+        kernel is not None
+        and dtype in kernel.dtypes
+        and head_dim <= kernel.max_head_dim
+        and num_heads // num_kv_heads <= kernel.max_group
+        and block_size <= kernel.max_block_size
+    )
+
+
+def paged_decode(
+    q: torch.Tensor,
+    k_pool: torch.Tensor,
+    v_pool: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+    window: int | None,
+) -> torch.Tensor:
+    """As engine.kernels.paged_decode, for CPU tensors; only where `supported` says so."""
+    kernel = _kernel()
+    assert kernel is not None
+    batch, num_heads, head_dim = q.shape
+    _, kv_heads, block_size, _ = k_pool.shape
+    q = q.contiguous()
+    tables = block_tables.contiguous()
+    lens = context_lens.contiguous()
+    if not (k_pool.is_contiguous() and v_pool.is_contiguous()):
+        raise ValueError("KV pools must be contiguous")
+    out = torch.empty_like(q)
+    kernel.library.batchinfer_paged_decode(
+        q.data_ptr(), k_pool.data_ptr(), v_pool.data_ptr(), tables.data_ptr(), lens.data_ptr(),
+        out.data_ptr(), batch, num_heads, kv_heads, head_dim, block_size, tables.shape[1],
+        window or 0, scale, _DTYPE_CODES[q.dtype], torch.get_num_threads(),
+    )
+    return out
