@@ -82,8 +82,8 @@ class DecodeGraphs:
                 pool = graph.pool()
                 self.captured[size] = graph
             torch.cuda.synchronize()
-        except RuntimeError as exc:
-            log.warning("CUDA graph capture failed, decode steps run eagerly: %s", exc)
+        except Exception as exc:  # torch's and Triton's errors alike: graphs are optional
+            log.warning("CUDA graph capture failed, decode steps run eagerly: %r", exc)
             self.captured.clear()
             return False
         return True

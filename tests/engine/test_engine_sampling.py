@@ -77,6 +77,62 @@ def test_seeded_rows_do_not_depend_on_their_neighbours():
     assert draw([3, 2])[1] == alone[0]
 
 
+def nucleus_reference(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """The top-k / top-p distribution by the definition: sort everything."""
+    probs = torch.softmax(logits.double(), -1)
+    sorted_probs, order = probs.sort(descending=True, stable=True)
+    sorted_probs[top_k:] = 0
+    sorted_probs /= sorted_probs.sum()
+    mass_before = sorted_probs.cumsum(0) - sorted_probs
+    sorted_probs[mass_before >= top_p] = 0
+    return torch.zeros_like(probs).scatter_(0, order, sorted_probs / sorted_probs.sum())
+
+
+def sparse_logits(vocab: int, support: list[int], seed: int) -> torch.Tensor:
+    """-inf everywhere but `support`, which gets random logits."""
+    logits = torch.full((vocab,), float("-inf"))
+    generator = torch.Generator().manual_seed(seed)
+    logits[support] = torch.randn(len(support), generator=generator)
+    return logits
+
+
+# A vocabulary of whole chunks and a tail (engine/sampler.py's _CHUNK is 1024); support
+# at chunk edges, the first and the last token.
+VOCAB = 2600
+EDGES = [0, 1, 1022, 1023, 1024, 1025, 2047, 2048, 2599]
+
+
+@pytest.mark.parametrize(
+    ("support", "top_k", "top_p"),
+    [
+        (EDGES + list(range(100, 2600, 50)), -1, 1.0),  # plain: the chunked inverse CDF
+        (EDGES + list(range(5, 2600, 7)), 300, 1.0),  # top-k past the 256 candidates
+        (EDGES + list(range(3, 60, 3)), -1, 0.8),  # a nucleus inside the candidates
+        (EDGES + list(range(7, 2600, 4)), -1, 0.9),  # a nucleus past them: whole vocabulary
+    ],
+    ids=["plain", "top-k-300", "nucleus-within", "nucleus-beyond"],
+)
+def test_large_vocabulary_frequencies(support, top_k, top_p):
+    logits = sparse_logits(VOCAB, support, seed=len(support))
+    n = 12000
+    params = [SamplingParams(top_k=top_k, top_p=top_p)] * n
+    tokens = Sampler(CPU, seed=3)(logits.expand(n, -1).clone(), params, [None] * n)
+    expected = nucleus_reference(logits, top_k if top_k > 0 else VOCAB, top_p)
+    assert set(tokens) <= set(torch.nonzero(expected).flatten().tolist())
+    assert_frequencies_match(tokens, expected)
+
+
+@pytest.mark.parametrize("u", [0.0, 0.5, 1.0 - 2**-24])
+def test_inverse_cdf_never_picks_a_zero_weight(u):
+    from engine.sampler import _inverse_cdf
+
+    for width, support in [(8, [2, 5]), (3000, [1500]), (3000, [0, 2048, 2999]), (2049, [2048])]:
+        weights = torch.zeros(1, width)
+        weights[0, support] = torch.tensor([1e-30, 1.0, 3.0][: len(support)])
+        index = int(_inverse_cdf(weights, torch.tensor([u]))[0])
+        assert index in support, (width, support, u, index)
+
+
 # -- through the engine -------------------------------------------------------------------
 
 
