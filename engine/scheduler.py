@@ -22,19 +22,18 @@ from engine.sequence import Sequence, SequenceStatus
 class ScheduledBatch:
     seqs: list[Sequence] = field(default_factory=list)
     num_new_tokens: list[int] = field(default_factory=list)
+    num_tokens: int = 0  # sum of num_new_tokens, kept as they change (read per sequence)
 
     def add(self, seq: Sequence, num_new_tokens: int) -> None:
         self.seqs.append(seq)
         self.num_new_tokens.append(num_new_tokens)
+        self.num_tokens += num_new_tokens
 
     def discard(self, seq: Sequence) -> None:
         if seq in self.seqs:
             index = self.seqs.index(seq)
+            self.num_tokens -= self.num_new_tokens[index]
             del self.seqs[index], self.num_new_tokens[index]
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(self.num_new_tokens)
 
 
 class Scheduler:

@@ -50,6 +50,19 @@ def test_linear_is_float32_matmul_rounded_once(upcasts, dtype):
     torch.testing.assert_close(native.float(), upcast.float(), rtol=eps, atol=eps)
 
 
+@pytest.mark.parametrize("chunk_rows", [7, 160], ids=["chunks-and-remainder", "one-chunk"])
+def test_upcast_chunks_give_the_whole_product(monkeypatch, chunk_rows):
+    # The weight converted a few output features at a time (160 = 22 x 7 + 6), through the
+    # same reused buffer, with a bias, over a batch with leading dimensions.
+    monkeypatch.setattr(engine.layers, "cpu_matmul_upcasts", lambda dtype: True)
+    monkeypatch.setattr(engine.layers, "UPCAST_CHUNK_ELEMENTS", chunk_rows * 96)
+    x, weight, bias = _inputs(torch.bfloat16, rows=12)
+    x = x.view(3, 4, 96)
+    expected = F.linear(x.float(), weight.float(), bias.float()).to(torch.bfloat16)
+    assert torch.equal(linear(x, weight, bias), expected)
+    assert torch.equal(linear(x, weight), F.linear(x.float(), weight.float()).bfloat16())
+
+
 def test_single_row_stays_native(upcasts):
     x, weight, bias = _inputs(torch.bfloat16, rows=1)
     assert torch.equal(linear(x, weight, bias), F.linear(x, weight, bias))
