@@ -28,9 +28,10 @@ class ModelRunner:
         dtype: torch.dtype,
         device: torch.device,
         seed: int,
-        decode_graphs: bool = False,
-        max_num_seqs: int = 256,
-        max_seq_len: int = 0,
+        *,
+        decode_graphs: bool,
+        max_num_seqs: int,
+        max_seq_len: int,
     ) -> None:
         """decode_graphs: run decode-only steps of up to max_num_seqs sequences (of up to
         max_seq_len tokens) through engine.cuda_graphs, where the decode kernel applies

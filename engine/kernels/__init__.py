@@ -59,10 +59,18 @@ def paged_decode(
     position; 0 marks a padding row, whose output is zeros). Returns [B, heads, head_dim]
     in q's dtype. Only call where `paged_decode_supported` says so.
     """
+    if not (k_pool.is_contiguous() and v_pool.is_contiguous()):
+        raise ValueError("KV pools must be contiguous")
+    q = q.contiguous()
+    out = torch.empty_like(q)
     if q.device.type == "cpu":
-        return cpu.paged_decode(q, k_pool, v_pool, block_tables, context_lens, scale, window)
-    from engine.kernels import triton_decode  # imports Triton: only on CUDA
+        backend = cpu.paged_decode
+    else:
+        from engine.kernels import triton_decode  # imports Triton: only on CUDA
 
-    return triton_decode.paged_decode(
-        q, k_pool, v_pool, block_tables, context_lens, scale, window
+        backend = triton_decode.paged_decode
+    backend(
+        q, k_pool, v_pool, block_tables.contiguous(), context_lens.contiguous(), out, scale,
+        window or 0,
     )
+    return out

@@ -112,23 +112,19 @@ def paged_decode(
     v_pool: torch.Tensor,
     block_tables: torch.Tensor,
     context_lens: torch.Tensor,
+    out: torch.Tensor,
     scale: float,
-    window: int | None,
-) -> torch.Tensor:
-    """As engine.kernels.paged_decode, for CPU tensors; only where `supported` says so."""
+    window: int,
+) -> None:
+    """engine.kernels.paged_decode's work on CPU tensors, written into out (all contiguous;
+    window 0: none). Only where `supported` says so."""
     kernel = _kernel()
     assert kernel is not None
     batch, num_heads, head_dim = q.shape
     _, kv_heads, block_size, _ = k_pool.shape
-    q = q.contiguous()
-    tables = block_tables.contiguous()
-    lens = context_lens.contiguous()
-    if not (k_pool.is_contiguous() and v_pool.is_contiguous()):
-        raise ValueError("KV pools must be contiguous")
-    out = torch.empty_like(q)
     kernel.library.batchinfer_paged_decode(
-        q.data_ptr(), k_pool.data_ptr(), v_pool.data_ptr(), tables.data_ptr(), lens.data_ptr(),
-        out.data_ptr(), batch, num_heads, kv_heads, head_dim, block_size, tables.shape[1],
-        window or 0, scale, _DTYPE_CODES[q.dtype], torch.get_num_threads(),
+        q.data_ptr(), k_pool.data_ptr(), v_pool.data_ptr(), block_tables.data_ptr(),
+        context_lens.data_ptr(), out.data_ptr(), batch, num_heads, kv_heads, head_dim,
+        block_size, block_tables.shape[1], window, scale, _DTYPE_CODES[q.dtype],
+        torch.get_num_threads(),
     )
-    return out

@@ -100,22 +100,18 @@ def paged_decode(
     v_pool: torch.Tensor,
     block_tables: torch.Tensor,
     context_lens: torch.Tensor,
+    out: torch.Tensor,
     scale: float,
-    window: int | None,
-) -> torch.Tensor:
-    """As engine.kernels.paged_decode, on the pools' device (CUDA, or the CPU under
-    Triton's interpreter)."""
+    window: int,
+) -> None:
+    """engine.kernels.paged_decode's work on the tensors' device (CUDA, or the CPU under
+    Triton's interpreter), written into out (all contiguous; window 0: none)."""
     batch, num_heads, head_dim = q.shape
     _, kv_heads, block_size, _ = k_pool.shape
     group = num_heads // kv_heads
-    if not (k_pool.is_contiguous() and v_pool.is_contiguous()):
-        raise ValueError("KV pools must be contiguous")
-    q = q.contiguous()
-    tables = block_tables.contiguous()
-    out = torch.empty_like(q)
     _paged_decode_kernel[(batch, kv_heads)](
-        q, k_pool, v_pool, tables, context_lens.contiguous(), out,
-        tables.shape[1], window or 0, scale,
+        q, k_pool, v_pool, block_tables, context_lens, out,
+        block_tables.shape[1], window, scale,
         GROUP=group,
         GROUP_PAD=max(16, triton.next_power_of_2(group)),
         KV_HEADS=kv_heads,
@@ -125,4 +121,3 @@ def paged_decode(
         KEYS=_KEYS_PER_TILE,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
     )
-    return out

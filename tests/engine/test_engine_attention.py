@@ -96,20 +96,22 @@ def run_case(seed, heads, kv_heads, window, dtype, query_lens, context_lens,
 
 @pytest.fixture
 def triton_on_test_tensors(monkeypatch):
-    """engine.kernels.triton_decode behind engine.kernels.paged_decode, on the CPU test
-    tensors: in Triton's interpreter (tests/conftest.py), or compiled on the GPU."""
+    """engine.kernels.triton_decode in place of the CPU kernel behind
+    engine.kernels.paged_decode, on the CPU test tensors: in Triton's interpreter
+    (tests/conftest.py), or compiled on the GPU."""
     pytest.importorskip("triton", reason="Triton is not installed")
     from engine.kernels import triton_decode
 
     if torch.cuda.is_available():
         def run(*args):
             moved = [a.cuda() if isinstance(a, torch.Tensor) else a for a in args]
-            return triton_decode.paged_decode(*moved).cpu()
+            triton_decode.paged_decode(*moved)
+            args[5].copy_(moved[5])  # out
     elif os.environ.get("TRITON_INTERPRET") == "1":
         run = triton_decode.paged_decode
     else:
         pytest.skip("no GPU and Triton's interpreter is off")
-    monkeypatch.setattr(kernels, "paged_decode", run)
+    monkeypatch.setattr(kernels.cpu, "paged_decode", run)
 
 
 @pytest.fixture(params=DECODE_PATHS)
