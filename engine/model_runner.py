@@ -82,19 +82,17 @@ class ModelRunner:
         positions_cpu = torch.tensor(positions, dtype=torch.int64)
         ids_cpu = torch.tensor(input_ids, dtype=torch.int64)
         rows_cpu = torch.tensor(logits_rows, dtype=torch.int64)
-        tables = [seq.block_table for seq in batch.seqs]
-        if self._replays(batch):
+        replays = self._replays(batch)
+        # A replayed step copies its metadata into the graphs' buffers: built on the CPU.
+        meta = build_attention_metadata(
+            positions_cpu, batch.num_new_tokens, [seq.block_table for seq in batch.seqs],
+            self.block_size, self.windows, torch.device("cpu") if replays else self.device,
+            self.workspace, self.decode_kernel,
+        )
+        if replays:
             assert self.graphs is not None
-            meta = build_attention_metadata(
-                positions_cpu, batch.num_new_tokens, tables, self.block_size, self.windows,
-                torch.device("cpu"), decode_kernel=True,
-            )
             logits = self.graphs.run(ids_cpu, positions_cpu, meta)[rows_cpu.to(self.device)]
         else:
-            meta = build_attention_metadata(
-                positions_cpu, batch.num_new_tokens, tables, self.block_size, self.windows,
-                self.device, self.workspace, self.decode_kernel,
-            )
             logits = self.model(
                 ids_cpu.to(self.device), positions_cpu.to(self.device), meta,
                 rows_cpu.to(self.device),

@@ -129,7 +129,7 @@ static inline __attribute__((always_inline)) void attend_item(const Job *job, in
     const int64_t seq = item / job->kv_heads, kv_head = item % job->kv_heads;
     const int64_t context = job->context_lens[seq];
     if (context <= 0) { /* a padding row of a fixed-size batch */
-        for (int64_t i = 0; i < job->heads / job->kv_heads * D; i++)
+        for (int64_t i = 0; i < group * D; i++)
             store_f32(job->out, (seq * job->heads + kv_head * group) * D + i, 0.0f, dtype);
         return;
     }
