@@ -8,6 +8,7 @@ import json
 import re
 import time
 
+import pyarrow as pa
 import pytest
 import redis
 
@@ -20,13 +21,16 @@ from workers.leases import LEASES_KEY
 
 @pytest.mark.slow
 def test_cancel_mid_job(tmp_path, redis_server, s3_store_url, tiny_llama, queue):
-    rows, shard_size = 240, 20
+    rows, shard_size = 1200, 100
     shards = rows // shard_size
-    path = write_input(tmp_path, prompts_table(rows), row_group_size=shard_size)
+    # The first shard is short; the later ones run long enough (about 15 s each here) that
+    # the cancel lands while the next one runs, however slowly the command line starts.
+    table = prompts_table(rows).append_column(
+        "max_tokens", pa.array([80] * shard_size + [400] * (rows - shard_size), pa.int64()))
+    path = write_input(tmp_path, table, row_group_size=shard_size)
     client = Client(store_url=s3_store_url, broker_url=redis_server.url)
     broker = redis.Redis.from_url(redis_server.url)
-    # One sequence at a time and long outputs: a shard lasts a few seconds, long enough for
-    # the command line to start and cancel it while it runs.
+    # One sequence at a time: a shard lasts as long as its rows' outputs, one after another.
     env = worker_env(redis_server.url, s3_store_url, BATCHINFER_MAX_NUM_SEQS="1")
     with running_workers(1, env, tmp_path, ["--queues", queue]) as [worker]:
         job = client.submit(path, model=str(tiny_llama), max_tokens=80, shard_size=shard_size,
@@ -34,18 +38,16 @@ def test_cancel_mid_job(tmp_path, redis_server, s3_store_url, tiny_llama, queue)
         results = keys.results_prefix(job.id)
         wait_for(lambda: len(client.store.list(results)) >= 1, 120, "a shard done")
 
-        seen: set[bytes] = set()
-
-        def fresh_shard() -> list[int]:
-            """A shard that started since the last look."""
-            for field, raw in broker.hgetall(LEASES_KEY).items():
-                if field not in seen and json.loads(raw)["job_id"] == job.id:
-                    seen.add(field)
-                    return [json.loads(raw)["shard_index"]]
+        def running_shard() -> list[int]:
+            """A shard of this job holding a lease whose part is not written yet."""
+            done = {keys.shard_of_key(k) for k in client.store.list(results)}
+            for raw in broker.hvals(LEASES_KEY):
+                lease = json.loads(raw)
+                if lease["job_id"] == job.id and lease["shard_index"] not in done:
+                    return [lease["shard_index"]]
             return []
 
-        seen.update(broker.hkeys(LEASES_KEY))  # the one running now started a while ago
-        [running] = wait_for(fresh_shard, 60, "a shard starting", interval=0.01)
+        [running] = wait_for(running_shard, 60, "the next shard starting", interval=0.01)
         cli_env = env | {"BATCHINFER_BROKER_URL": redis_server.url,
                          "BATCHINFER_STORE_URL": s3_store_url}
         cancelled = run_cli("cancel", job.id, env=cli_env)
@@ -57,8 +59,14 @@ def test_cancel_mid_job(tmp_path, redis_server, s3_store_url, tiny_llama, queue)
                                  for raw in broker.hvals(LEASES_KEY)), 30, "the shard stopping")
         stopped = time.monotonic() - cancelled_at
         wait_for(lambda: broker.llen(queue) == 0, 60, "the queued shards being taken")
-        time.sleep(1)  # the last one taken finishes its (empty) run
-        log = worker.log_path.read_text()
+
+        def summaries() -> list[str]:
+            return re.findall(r"succeeded in [0-9.]+s: (\{.*\})", worker.log_path.read_text())
+
+        # Every shard task ends exactly once, cancelled or not; the last one taken may still
+        # be checking the store when the queue empties.
+        wait_for(lambda: len(summaries()) == shards, 60, "every shard task ending")
+        ended = summaries()
 
     status = job.status()
     parts = client.store.list(results)
@@ -73,8 +81,7 @@ def test_cancel_mid_job(tmp_path, redis_server, s3_store_url, tiny_llama, queue)
     assert status["counts"]["succeeded_rows"] == job.results().num_rows == len(done) * shard_size
     assert status["counts"]["failed_rows"] == 0
     # Every shard after the cancel returned at once without running; no usage beyond the parts.
-    summaries = re.findall(r"succeeded in [0-9.]+s: (\{.*\})", log)
-    assert sum("'cancelled': True" in s for s in summaries) == shards - len(done)
+    assert sum("'cancelled': True" in s for s in ended) == shards - len(done)
     usage = [k for k in client.store.list("usage/") if job.id in k]
     assert sorted(keys.shard_of_key(k) for k in usage) == done
     # A second cancel changes nothing.

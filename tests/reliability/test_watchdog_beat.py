@@ -71,7 +71,7 @@ def test_a_delivery_stranded_by_a_lost_worker_goes_back(redis_server, monkeypatc
     """A worker took a shard's message and lost Redis before it could start it or give it
     back (here: a process that takes it and exits at once): after a lease's time with no
     lease for that shard, a watchdog pass puts it back at the head of its queue."""
-    monkeypatch.setenv("BATCHINFER_LEASE_SECONDS", "1")
+    monkeypatch.setenv("BATCHINFER_LEASE_SECONDS", "2")
     broker = redis.Redis.from_url(redis_server.url)
     queue, job_id = f"stranded-{uuid.uuid4().hex[:8]}", keys.new_job_id()
     send_shard(job_id, 3, 5, "s3://b/p", queue=queue, broker_url=redis_server.url)
@@ -84,7 +84,7 @@ def test_a_delivery_stranded_by_a_lost_worker_goes_back(redis_server, monkeypatc
     assert [job_id, 3] in unacknowledged_shards(broker)
 
     assert requeue_expired_shards(redis_server.url) == 0  # a moment ago: maybe starting
-    time.sleep(1.2)
+    time.sleep(2.2)
     assert requeue_expired_shards(redis_server.url) == 1
     assert broker.llen(queue) == 1 and [job_id, 3] not in unacknowledged_shards(broker)
     message = json.loads(broker.lindex(queue, 0))
