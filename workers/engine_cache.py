@@ -8,11 +8,14 @@ costs a reload, which is why fleets route models to queues.
 from __future__ import annotations
 
 import gc
+import logging
 import os
 import threading
 
 from engine import LLM
+from engine.quant.gptq import read_quant_config
 
+log = logging.getLogger(__name__)
 _lock = threading.Lock()
 _loaded: tuple[str, LLM] | None = None
 
@@ -34,6 +37,21 @@ def engine_options() -> dict:
     return options
 
 
+def options_for(model_path: str) -> dict:
+    """engine_options() for loading model_path.
+
+    A worker's load-time quantization (BATCHINFER_QUANTIZATION=int8, say) is for the float
+    checkpoints it is sent; a GPTQ checkpoint is quantized already and loads as it is, so
+    one fleet can serve both instead of failing every shard of the GPTQ model.
+    """
+    options = engine_options()
+    requested = options.get("quantization", "").strip().lower()
+    if requested and not requested.startswith("gptq") and read_quant_config(model_path):
+        log.info("%s is a GPTQ checkpoint: it loads as it is, without the worker's "
+                 "load-time quantization %r", model_path, options.pop("quantization"))
+    return options
+
+
 def _flag(value: str) -> bool:
     words = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
     if value.strip().lower() not in words:
@@ -49,7 +67,7 @@ def get_engine(model_path: str) -> LLM:
             return _loaded[1]
         _loaded = None
         gc.collect()
-        llm = LLM(model=model_path, **engine_options())
+        llm = LLM(model=model_path, **options_for(model_path))
         _loaded = (model_path, llm)
         return llm
 

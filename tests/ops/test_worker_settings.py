@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from workers.engine_cache import engine_options
+from engine import LLM
+from workers.engine_cache import engine_options, options_for
 
 
 def test_engine_options_from_the_environment(monkeypatch):
@@ -25,3 +26,16 @@ def test_a_bad_flag_is_refused_with_its_value(monkeypatch):
     monkeypatch.setenv("BATCHINFER_ENFORCE_EAGER", "maybe")
     with pytest.raises(ValueError, match="'maybe'"):
         engine_options()
+
+
+def test_load_time_quantization_is_for_float_checkpoints(monkeypatch, gptq_int4_model):
+    """A worker set to quantize at load time serves GPTQ checkpoints as they are."""
+    float_twin = gptq_int4_model.with_name(gptq_int4_model.name + "-fp32")
+    monkeypatch.setenv("BATCHINFER_QUANTIZATION", "int8")
+    assert LLM(str(gptq_int4_model), **options_for(str(gptq_int4_model))).quantization == \
+        "gptq-int4-g64"
+    assert LLM(str(float_twin), **options_for(str(float_twin))).quantization == "int8"
+    # A GPTQ requirement is not a load-time scheme: a checkpoint that differs still fails.
+    monkeypatch.setenv("BATCHINFER_QUANTIZATION", "gptq-int8")
+    with pytest.raises(ValueError, match="does not match the checkpoint"):
+        LLM(str(gptq_int4_model), **options_for(str(gptq_int4_model)))
