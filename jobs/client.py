@@ -137,12 +137,36 @@ class Client:
 
 
 class ProgressBar:
-    """Rows done / total with tokens/s and ETA, drawn by tqdm on stderr."""
+    """Rows done / total with tokens/s and ETA, drawn by tqdm on stderr.
 
-    def __init__(self) -> None:
+    While the job runs, tokens/s is measured here: the tokens the shards reported since the
+    first poll, over the time since. (The running shards' own rates would read 0 for shards
+    shorter than their reporting interval.) Once the job has ended, it is the job's figure,
+    tokens per busy second, as `batchinfer status` prints it.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         from tqdm import tqdm
 
         self._bar = tqdm(total=0, unit="row", dynamic_ncols=True)
+        self._clock = clock
+        self._started: float | None = None
+        self._tokens_by_shard: dict[int, int] = {}
+        self._tokens_since_start = 0
+
+    def _live_rate(self, live: dict[str, Any]) -> float:
+        now = self._clock()
+        for shard in live.get("shards", []):
+            tokens, before = shard.get("tokens", 0), self._tokens_by_shard.get(shard["shard"])
+            if self._started is not None:
+                # A retry round rewrites a shard's progress from 0: all its tokens are new.
+                fresh = before is None or tokens < before
+                self._tokens_since_start += tokens if fresh else tokens - before
+            self._tokens_by_shard[shard["shard"]] = tokens
+        if self._started is None:
+            self._started = now
+        elapsed = now - self._started
+        return self._tokens_since_start / elapsed if elapsed > 0 else 0.0
 
     def update(self, status: dict[str, Any]) -> None:
         counts = status.get("counts", {})
@@ -153,8 +177,11 @@ class ProgressBar:
             done = counts.get("succeeded_rows", 0) + counts.get("failed_rows", 0)
         self._bar.total = total
         self._bar.n = min(done, total) if total else done
-        self._bar.set_postfix_str(
-            f"{status['state']}, {live.get('tokens_per_second', 0):.0f} tok/s", refresh=False)
+        if status["state"] in TERMINAL_STATES:
+            rate = status.get("usage", {}).get("tokens_per_second", 0.0)
+        else:
+            rate = self._live_rate(live)
+        self._bar.set_postfix_str(f"{status['state']}, {rate:.0f} tok/s", refresh=False)
         self._bar.refresh()
 
     def close(self) -> None:

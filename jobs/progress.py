@@ -14,9 +14,10 @@ from jobs.store import NotFound, Store, get_json, put_json
 
 
 def write_progress(store: Store, job_id: str, shard_index: int, done: int, total: int,
-                   tokens_per_second: float, batch_fill: float) -> None:
+                   tokens: int, tokens_per_second: float, batch_fill: float) -> None:
+    """tokens: prompt + completion tokens of the shard's rows finished so far."""
     put_json(store, keys.progress_key(job_id, shard_index), {
-        "shard": shard_index, "done": done, "total": total,
+        "shard": shard_index, "done": done, "total": total, "tokens": tokens,
         "tokens_per_second": tokens_per_second, "batch_fill": batch_fill,
         "updated_at": utc_now(),
     })
@@ -25,8 +26,8 @@ def write_progress(store: Store, job_id: str, shard_index: int, done: int, total
 def read_progress(store: Store, job_id: str) -> dict[str, Any]:
     """All shards' progress added up.
 
-    rows_done / rows_total count the rows of the shards that have reported so far;
-    tokens_per_second and batch_fill describe the shards still running (sum and mean).
+    rows_done / rows_total and tokens count the rows of the shards that have reported so
+    far; tokens_per_second and batch_fill describe the shards still running (sum and mean).
     """
     shards = []
     for key in store.list(keys.progress_prefix(job_id)):
@@ -38,6 +39,7 @@ def read_progress(store: Store, job_id: str) -> dict[str, Any]:
     return {
         "rows_done": sum(s["done"] for s in shards),
         "rows_total": sum(s["total"] for s in shards),
+        "tokens": sum(s.get("tokens", 0) for s in shards),  # absent from older workers' objects
         "shards_reporting": len(shards),
         "shards_running": len(running),
         "tokens_per_second": sum(s["tokens_per_second"] for s in running),

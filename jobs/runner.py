@@ -364,7 +364,7 @@ class _ShardRun:
         done = len(self.outputs) + len(self.errors)
         try:
             write_progress(self.store, self.job_id, self.shard.index, done, self.rows.num_rows,
-                           tokens_per_second, fill)
+                           self.tokens_done, tokens_per_second, fill)
         except Exception as error:
             log.warning("shard %s: progress not written: %s", self.shard.index,
                         settings.mask_secrets(str(error)))

@@ -108,7 +108,7 @@ def _show(results: pa.Table, status: dict) -> None:
           f"{counts['failed_rows']} failed")
     print(f"tokens: {usage['prompt_tokens']} prompt + {usage['completion_tokens']} generated "
           f"({usage['cached_tokens']} prompt tokens from the prefix cache)")
-    print(f"speed: {usage['tokens_per_second']:.0f} generated tokens/s, "
+    print(f"speed: {usage['tokens_per_second']:.0f} tokens/s (prompt + generated), "
           f"mean batch fill {usage['mean_batch_fill']:.2f}, busy {usage['busy_seconds']:.1f} s")
     print(f"cost: ${usage['cost_usd']:.6f} (${usage['cost_per_million_tokens']:.4f} per 1M tokens "
           f"at BATCHINFER_GPU_HOURLY_USD={settings.gpu_hourly_usd()})")

@@ -123,11 +123,12 @@ def test_unknown_job_is_a_user_error(file_store_url):
 def test_progress_adds_up_running_shards(store):
     job_id = keys.new_job_id()
     assert read_progress(store, job_id)["rows_done"] == 0
-    write_progress(store, job_id, 0, 10, 10, 100.0, 0.5)  # finished
-    write_progress(store, job_id, 1, 4, 10, 30.0, 0.4)
-    write_progress(store, job_id, 2, 6, 8, 20.0, 0.6)
+    write_progress(store, job_id, 0, 10, 10, 500, 100.0, 0.5)  # finished
+    write_progress(store, job_id, 1, 4, 10, 120, 30.0, 0.4)
+    write_progress(store, job_id, 2, 6, 8, 200, 20.0, 0.6)
     progress = read_progress(store, job_id)
     assert (progress["rows_done"], progress["rows_total"]) == (20, 28)
+    assert progress["tokens"] == 820
     assert (progress["shards_reporting"], progress["shards_running"]) == (3, 2)
     assert progress["tokens_per_second"] == 50.0
     assert progress["batch_fill"] == pytest.approx(0.5)

@@ -1,0 +1,41 @@
+"""The progress bar's tokens/s: measured between polls from the tokens shards report, so
+shards shorter than their reporting interval count; the job's own figure once it ended."""
+
+from __future__ import annotations
+
+from jobs.client import ProgressBar
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def running(*shards: tuple[int, int, int, int]) -> dict:
+    """A running job's status; shards: (index, rows done, rows total, tokens)."""
+    progress = [{"shard": i, "done": d, "total": t, "tokens": k} for i, d, t, k in shards]
+    return {"state": "running", "counts": {"total_rows": 30},
+            "progress": {"rows_done": sum(s["done"] for s in progress),
+                         "tokens_per_second": 0.0, "shards": progress}}
+
+
+def test_rate_counts_tokens_reported_since_the_first_poll(capsys):
+    clock = Clock()
+    bar = ProgressBar(clock)
+    bar.update(running((0, 4, 10, 400)))  # what was done before the bar started: not counted
+    assert "running, 0 tok/s" in capsys.readouterr().err
+    clock.now += 2
+    # shard 0 finished (+600), shard 1 ran whole between two polls (+300), shard 2 started
+    bar.update(running((0, 10, 10, 1000), (1, 10, 10, 300), (2, 0, 10, 0)))
+    assert "20/30" in (err := capsys.readouterr().err) and "running, 450 tok/s" in err
+    clock.now += 3
+    # A retry round reran shard 1 from 0: its 120 tokens are new work, not a loss.
+    bar.update(running((0, 10, 10, 1000), (1, 3, 10, 120), (2, 5, 10, 480)))
+    assert "running, 300 tok/s" in capsys.readouterr().err  # (900 + 120 + 480) / 5
+    bar.update({"state": "completed", "counts": {"total_rows": 30, "succeeded_rows": 30},
+                "usage": {"tokens_per_second": 812.4}})
+    assert "30/30" in (err := capsys.readouterr().err) and "completed, 812 tok/s" in err
+    bar.close()
