@@ -140,7 +140,7 @@ class ProgressBar:
     """Rows done / total with tokens/s and ETA, drawn by tqdm on stderr.
 
     While the job runs, tokens/s is measured here: the tokens the shards reported since the
-    first poll, over the time since. (The running shards' own rates would read 0 for shards
+    first poll that found it running (its model loaded), over the time since. (The running shards' own rates would read 0 for shards
     shorter than their reporting interval.) Once the job has ended, it is the job's figure,
     tokens per busy second, as `batchinfer status` prints it.
     """
@@ -179,6 +179,8 @@ class ProgressBar:
         self._bar.n = min(done, total) if total else done
         if status["state"] in TERMINAL_STATES:
             rate = status.get("usage", {}).get("tokens_per_second", 0.0)
+        elif status["state"] in ("validating", "queued"):
+            rate = 0.0
         else:
             rate = self._live_rate(live)
         self._bar.set_postfix_str(f"{status['state']}, {rate:.0f} tok/s", refresh=False)

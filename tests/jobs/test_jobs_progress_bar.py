@@ -1,5 +1,6 @@
 """The progress bar's tokens/s: measured between polls from the tokens shards report, so
-shards shorter than their reporting interval count; the job's own figure once it ended."""
+shards shorter than their reporting interval count, from the first poll that finds the job
+running; the job's own figure once it ended."""
 
 from __future__ import annotations
 
@@ -25,6 +26,8 @@ def running(*shards: tuple[int, int, int, int]) -> dict:
 def test_rate_counts_tokens_reported_since_the_first_poll(capsys):
     clock = Clock()
     bar = ProgressBar(clock)
+    bar.update({"state": "queued", "counts": {"total_rows": 30}, "progress": {"shards": []}})
+    clock.now += 30  # the worker loading the model: not part of the rate
     bar.update(running((0, 4, 10, 400)))  # what was done before the bar started: not counted
     assert "running, 0 tok/s" in capsys.readouterr().err
     clock.now += 2
