@@ -172,6 +172,64 @@ def test_kernel_at_model_shapes(dtype, head_dim, block_size, decode_path):
         )
 
 
+@pytest.fixture
+def fresh_self_checks():
+    """Self-check verdicts are cached per shape: start and leave these tests with none, so
+    a kernel broken on purpose here is never remembered as broken elsewhere."""
+    kernels.self_check.cache_clear()
+    yield
+    kernels.self_check.cache_clear()
+
+
+@pytest.mark.parametrize("backend", ["kernel", "triton"])
+def test_self_check_accepts_the_kernels(backend, request, fresh_self_checks):
+    if backend == "kernel" and not cpu_kernel_builds():
+        pytest.skip("no C compiler: the CPU kernel is not built here")
+    if backend == "triton":
+        request.getfixturevalue("triton_on_test_tensors")
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        for heads, kv_heads, head_dim, block_size in ((8, 2, 64, 16), (6, 6, 80, 32)):
+            assert kernels.self_check(torch.device("cpu"), dtype, heads, kv_heads, head_dim,
+                                      block_size), (dtype, heads, kv_heads, head_dim)
+
+
+def test_a_kernel_that_fails_or_disagrees_is_not_used(monkeypatch, caplog, fresh_self_checks,
+                                                      tiny_llama):
+    if not cpu_kernel_builds():
+        pytest.skip("no C compiler: the CPU kernel is not built here")
+    from engine import LLM, SamplingParams
+
+    working = kernels.cpu.paged_decode
+    prompts = [[5, 9, 13], [7] * 20, [3, 4]]
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    with_kernel = LLM(str(tiny_llama), dtype="float32")
+    assert with_kernel.runner.decode_kernel
+    expected = [out.token_ids for out in with_kernel.generate(prompts, params)]
+
+    def wrong_window(q, k_pool, v_pool, tables, lens, out, scale, window):
+        working(q, k_pool, v_pool, tables, lens, out, scale, window + 1 if window else 0)
+
+    def not_built(*args):
+        raise RuntimeError("PTX .version 8.7 does not support .target sm_120")
+
+    for broken, message in ((wrong_window, "disagrees with the plain computation"),
+                            (not_built, "failed its self-check")):
+        kernels.self_check.cache_clear()
+        monkeypatch.setattr(kernels.cpu, "paged_decode", broken)
+        caplog.clear()
+        assert not kernels.paged_decode_supported(torch.device("cpu"), torch.float32, 8, 2, 64,
+                                                  16)
+        assert message in caplog.text and "portable path" in caplog.text
+    # An engine on such a machine decodes on the portable path: the same tokens.
+    without_kernel = LLM(str(tiny_llama), dtype="float32")
+    assert not without_kernel.runner.decode_kernel
+    assert [out.token_ids for out in without_kernel.generate(prompts, params)] == expected
+
+
+def cpu_kernel_builds() -> bool:
+    return kernels.cpu.supported(torch.float32, 4, 1, 128, 16)
+
+
 def test_kernel_results_do_not_depend_on_the_thread_count():
     if not kernels.paged_decode_supported(torch.device("cpu"), torch.float32, 8, 4, 64, 16):
         pytest.skip("no C compiler: the CPU kernel is not built here")
