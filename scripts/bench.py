@@ -960,7 +960,12 @@ def run_quant_axis(args: argparse.Namespace, base: dict[str, Any],
             entry = {**systems["engine"], "same_run_as": "engine"}
         else:
             log(f"running engine at {precision} ...")
-            entry = run_child({**base, "kind": "engine", "dtype": dtype, "quantization": quant})
+            # The run's KV capacity in tokens, not in bytes: float32 takes twice bfloat16's.
+            kv_bytes = base["kv_cache_bytes"]
+            if kv_bytes is not None:
+                kv_bytes = kv_bytes * dtype_bytes(dtype) // dtype_bytes(base["dtype"])
+            entry = run_child({**base, "kind": "engine", "dtype": dtype, "quantization": quant,
+                               "kv_cache_bytes": kv_bytes})
         entries.append({"precision": precision, "dtype": dtype, "quantization": quant, **entry})
     return entries
 

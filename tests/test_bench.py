@@ -37,7 +37,7 @@ def quick_run(tmp_path_factory) -> tuple[dict[str, Any], str]:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
         [sys.executable, str(BENCH), "--quick", "--cache-dir", str(tmp / "models"),
-         "--quant", "float32,int8", "--out", str(out)],
+         "--quant", "float32,bfloat16,int8", "--out", str(out)],
         cwd=tmp, env=env, capture_output=True, text=True, timeout=120, check=False,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -88,11 +88,18 @@ def test_roofline_and_quant_axis(quick_run):
     assert roof["workload"]["flops"] > roof["workload"]["flops_attention"] > 0
     assert roof["workload"]["kv_bytes"] > 0
     quant = {q["precision"]: q for q in report["quant"]}
-    assert list(quant) == ["float32", "int8"]
-    if report["systems"]["engine"]["status"] == "ok":
-        # float32 is the run's own dtype: the main engine run is reused, not rerun.
-        assert quant["float32"]["same_run_as"] == "engine"
-        assert quant["float32"]["weight_bytes"] > 0
+    assert list(quant) == ["float32", "bfloat16", "int8"]
+    engine = report["systems"]["engine"]
+    if engine["status"] == "ok":
+        # The run's own dtype reuses the main engine run; the other float dtype runs again
+        # with as many KV tokens (blocks), not as many KV bytes.
+        own, other = ("float32", "bfloat16") if report["config"]["dtype"] == "float32" else (
+            "bfloat16", "float32")
+        assert quant[own]["same_run_as"] == "engine"
+        assert quant[own]["weight_bytes"] > 0
+        assert quant[other]["status"] == "ok", quant[other]
+        assert quant[other]["kv_blocks_total"] == engine["kv_blocks_total"]
+        assert quant[other]["useful_tokens"] == report["expected_useful_tokens"]
     # int8 may not have landed in the engine yet: then the entry records why, not a crash.
     assert quant["int8"]["status"] in ("ok", "error", "skipped")
     if quant["int8"]["status"] == "ok":
