@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence as SequenceOf
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -13,6 +12,7 @@ from transformers import AutoTokenizer
 from engine.block_manager import BlockManager
 from engine.config import load_model_config
 from engine.device import auto_kv_cache_bytes, parse_memory_size, resolve_device, resolve_dtype
+from engine.fetch import local_model_dir
 from engine.loader import load_model
 from engine.model_runner import ModelRunner, kv_cache_bytes_per_block
 from engine.outputs import RequestOutput
@@ -49,9 +49,7 @@ class LLM:
         ):
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
-        model_dir = Path(model)
-        if not model_dir.is_dir():
-            raise FileNotFoundError(f"model path {str(model)!r} is not a local model folder")
+        model_dir = local_model_dir(str(model))  # a local folder, s3:// or a hub name
         self.model_path = str(model)
         self.config = load_model_config(model_dir)
         # None: as the checkpoint is (GPTQ or float); "int8" / "int4[-gN]": rounded at load.

@@ -1,7 +1,8 @@
 """Resolve the model a job names to what the engine loads (a local folder or a URI).
 
 BATCHINFER_MODELS may point to a JSON registry {"name": "path or URI"}; registered names
-resolve through it. Anything else must be a local model folder. When
+resolve through it. A URI (s3://bucket/prefix, hf://org/name) is fetched by the engine
+(engine/fetch.py) on the worker. Anything else must be a local model folder. When
 BATCHINFER_MODEL_ROOTS (folders separated by ":") is set, every local model path, named
 directly or through the registry, must lie under one of them once symlinks are resolved,
 so a job cannot make a worker read arbitrary folders.
@@ -14,6 +15,8 @@ import os
 from pathlib import Path
 
 from jobs.errors import UserError
+
+REMOTE_SCHEMES = ("s3://", "hf://")  # what engine.fetch downloads
 
 
 def _registry() -> tuple[dict[str, str], Path | None]:
@@ -62,7 +65,10 @@ def resolve_model(name: str) -> str:
     registered = sorted(entries)
     if name in entries:
         target = entries[name]
-        if "://" in target:  # s3://, hf://, ...: fetched by the engine, not checked here
+        if "://" in target:  # fetched by the engine on the worker: only the scheme is checked
+            if not target.startswith(REMOTE_SCHEMES):
+                raise UserError(f"model {name!r} is registered as {target!r}: BATCHINFER_MODELS "
+                                f"takes local paths and {' or '.join(REMOTE_SCHEMES)} URIs")
             return target
         return _local_model(registry_folder / target, name, registered)
     if "://" in name:

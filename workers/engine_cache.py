@@ -13,6 +13,7 @@ import os
 import threading
 
 from engine import LLM
+from engine.fetch import local_model_dir
 from engine.quant.gptq import read_quant_config
 
 log = logging.getLogger(__name__)
@@ -67,7 +68,8 @@ def get_engine(model_path: str) -> LLM:
             return _loaded[1]
         _loaded = None
         gc.collect()
-        llm = LLM(model=model_path, **options_for(model_path))
+        model_dir = str(local_model_dir(model_path))  # s3:// and hub models: fetched once
+        llm = LLM(model=model_dir, **options_for(model_dir))
         _loaded = (model_path, llm)
         return llm
 

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from engine.device import cpu_flags
+from engine.paths import user_cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -41,20 +42,13 @@ class _Kernel:
     dtypes: frozenset[torch.dtype]
 
 
-def cache_dir() -> Path:
-    configured = os.environ.get("BATCHINFER_KERNEL_CACHE")
-    if configured:
-        return Path(configured)
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "batchinfer" / "kernels"
-
-
 def _compile(compiler: str) -> Path:
     version = subprocess.run(
         [compiler, "--version"], capture_output=True, text=True, check=True
     ).stdout
     parts = [_SOURCE.read_text(), version, " ".join(_FLAGS), " ".join(sorted(cpu_flags()))]
     key = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
-    target = cache_dir() / f"paged_decode-{key}.so"
+    target = user_cache_dir("BATCHINFER_KERNEL_CACHE", "kernels") / f"paged_decode-{key}.so"
     if target.is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -4,10 +4,12 @@ broker), real worker processes running the engine, results and usage in S3 (moto
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from collections import Counter
 
+import boto3
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -123,6 +125,31 @@ def test_job_on_embedded_defaults(tmp_path, tiny_llama, monkeypatch):
     with running_workers(1, env, tmp_path):
         job.wait(timeout=JOB_TIMEOUT)
     check_job(client, job.id, table, tiny_llama, max_tokens=5)
+
+
+def test_job_with_a_model_registered_on_s3(tmp_path, redis_server, s3_server, s3_store_url,
+                                           tiny_llama):
+    """BATCHINFER_MODELS names a model by an s3:// URI: the worker downloads it into its
+    model cache and the job's outputs are those of the same model loaded from a folder."""
+    prefix = f"{s3_store_url.removeprefix(f's3://{s3_server.bucket}/')}/models/tiny"
+    s3 = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"])
+    for path in tiny_llama.iterdir():
+        s3.upload_file(str(path), s3_server.bucket, f"{prefix}/{path.name}")
+    registry = tmp_path / "models.json"
+    registry.write_text(json.dumps({"tiny": f"s3://{s3_server.bucket}/{prefix}"}))
+    table = prompts_table(60)
+    pq.write_table(table, tmp_path / "prompts.parquet", row_group_size=30)
+    client = Client(store_url=s3_store_url, broker_url=redis_server.url)
+    job = client.submit(tmp_path / "prompts.parquet", model="tiny", max_tokens=5, shard_size=30,
+                        id_column="id")
+    env = worker_env(redis_server.url, s3_store_url, BATCHINFER_MODELS=str(registry),
+                     BATCHINFER_MODEL_CACHE=str(tmp_path / "model-cache"))
+    with running_workers(1, env, tmp_path):
+        job.wait(timeout=JOB_TIMEOUT)
+    check_job(client, job.id, table, tiny_llama, max_tokens=5)
+    [cached] = (tmp_path / "model-cache").glob("*-tiny")
+    assert (cached / "model.safetensors").read_bytes() == (
+        tiny_llama / "model.safetensors").read_bytes()
 
 
 def test_unknown_model_fails_the_job_with_the_reason(tmp_path, redis_server, s3_store_url):

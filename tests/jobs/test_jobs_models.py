@@ -22,7 +22,8 @@ def models(tmp_path, monkeypatch):
     registry = tmp_path / "registry" / "models.json"
     registry.parent.mkdir()
     registry.write_text(json.dumps({"llama-7b": str(root / "llama"), "qwen": "../models/qwen",
-                                    "remote": "s3://bucket/models/x", "stray": "../elsewhere/m"}))
+                                    "remote": "s3://bucket/models/x", "stray": "../elsewhere/m",
+                                    "hub": "hf://acme/m", "ftp": "ftp://host/m"}))
     return tmp_path
 
 
@@ -36,9 +37,13 @@ def test_registry_names_resolve_through_it(models, monkeypatch):
     assert resolve_model("llama-7b") == str(models / "models" / "llama")
     assert resolve_model("qwen") == str(models / "models" / "qwen")  # relative to the registry
     assert resolve_model("remote") == "s3://bucket/models/x"
+    assert resolve_model("hub") == "hf://acme/m"
+    with pytest.raises(UserError, match=r"'ftp' is registered as 'ftp://host/m': "
+                                        r"BATCHINFER_MODELS takes local paths and s3:// or hf://"):
+        resolve_model("ftp")
     assert resolve_model(str(models / "models" / "llama")) == str(models / "models" / "llama")
     with pytest.raises(UserError, match=r"unknown model 'gpt-9': not a registered name "
-                                        r"\(registered: llama-7b, qwen, remote, stray\)"):
+                                        r"\(registered: ftp, hub, llama-7b, qwen, remote, stray\)"):
         resolve_model("gpt-9")
     with pytest.raises(UserError, match="a URI must be registered"):
         resolve_model("s3://bucket/other")
