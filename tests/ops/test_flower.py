@@ -133,9 +133,12 @@ def live(redis_server, s3_server, tiny_llama, tmp_path_factory) -> Iterator[Live
     pq.write_table(inbox_table(rows), sink)
     store.put_bytes("inbox/questions.parquet", sink.getvalue())
     store.put_bytes("inbox/questions.spec.json", json.dumps(
-        {"id_column": "id", "max_tokens": 32, "shard_size": rows // 2}).encode())
+        {"id_column": "id", "max_tokens": 128, "shard_size": rows // 2}).encode())
 
-    env = worker_env(redis_server.url, store_url, BATCHINFER_INBOX_MODEL=str(tiny_llama))
+    # One sequence at a time: each shard runs for seconds (10,240 engine steps), a window in
+    # which polling Flower surely sees it in the PROGRESS state, however loaded the machine.
+    env = worker_env(redis_server.url, store_url, BATCHINFER_INBOX_MODEL=str(tiny_llama),
+                     BATCHINFER_MAX_NUM_SEQS="1")
     port = free_port()
     flower_log = workdir / "flower.log"
     with open(flower_log, "wb") as out:
