@@ -1,7 +1,9 @@
 """Where a model's files come from: `LLM(model=...)` takes a folder, an s3:// URI or a hub name.
 
     /models/qwen-7b            a local Hugging Face folder, used where it is
-    s3://bucket/models/qwen    every object under the prefix, downloaded once into
+    s3://bucket/models/qwen    the model files at the top of the prefix (config, tokenizer,
+                               safetensors weights; not `original/` or other folders that
+                               published repositories carry), downloaded once into
                                BATCHINFER_MODEL_CACHE (default ~/.cache/batchinfer/models)
                                and downloaded again only when the listing changes (keys,
                                sizes, ETags); endpoint and credentials from the usual AWS
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import fnmatch
 import hashlib
 import json
 import os
@@ -29,7 +32,7 @@ from pathlib import Path, PurePosixPath
 from engine.paths import user_cache_dir
 
 # The files a model folder needs: config, weights, tokenizer. Never code.
-_HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.jinja"]
+_MODEL_FILES = ("*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.jinja")
 _HUB_REPO = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 _SOURCE_FILE = ".batchinfer-source.json"  # the listing a cached copy was downloaded from
 
@@ -58,7 +61,7 @@ def _from_hub(repo_id: str, shown_as: str) -> Path:
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=_HUB_FILES))
+        return Path(snapshot_download(repo_id, allow_patterns=list(_MODEL_FILES)))
     except Exception as error:  # offline, unknown repository, gated, no network...
         first_line = (str(error).splitlines() or [""])[0]  # the hub's errors run long
         raise FileNotFoundError(
@@ -75,7 +78,7 @@ def _from_s3(uri: str) -> Path:
     client = _s3_client()
     listing = _list_objects(client, bucket, prefix + "/")
     if not listing:
-        raise FileNotFoundError(f"no model files under {uri}")
+        raise FileNotFoundError(f"no model files (config, tokenizer, safetensors) under {uri}")
     if "config.json" not in listing:
         raise FileNotFoundError(f"{uri} holds no config.json: not a Hugging Face model folder")
     root = user_cache_dir("BATCHINFER_MODEL_CACHE", "models")
@@ -86,10 +89,8 @@ def _from_s3(uri: str) -> Path:
             return target
         staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=root))
         try:
-            for relative in listing:
-                destination = staging / relative
-                destination.parent.mkdir(parents=True, exist_ok=True)
-                client.download_file(bucket, f"{prefix}/{relative}", str(destination))
+            for name in listing:
+                client.download_file(bucket, f"{prefix}/{name}", str(staging / name))
             (staging / _SOURCE_FILE).write_text(json.dumps({"uri": uri, "objects": listing}))
             if target.exists():  # an older copy: the objects changed since
                 shutil.rmtree(target)
@@ -111,16 +112,13 @@ def _s3_client():
 
 
 def _list_objects(client, bucket: str, prefix: str) -> dict[str, list]:
-    """{path under prefix: [size, ETag]} of every object below prefix."""
+    """{file name: [size, ETag]} of the model files directly below prefix."""
     listing = {}
     for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
         for item in page.get("Contents", []):
-            relative = item["Key"][len(prefix):]
-            if not relative or relative.endswith("/"):  # the folder marker some tools write
-                continue
-            if relative.startswith("/") or ".." in PurePosixPath(relative).parts:
-                raise ValueError(f"s3://{bucket}/{item['Key']}: a key that is not a plain path")
-            listing[relative] = [item["Size"], item["ETag"]]
+            name = item["Key"][len(prefix):]
+            if "/" not in name and any(fnmatch.fnmatchcase(name, p) for p in _MODEL_FILES):
+                listing[name] = [item["Size"], item["ETag"]]
     return listing
 
 
