@@ -121,3 +121,23 @@ def test_hub_names_come_through_the_hub_cache(tiny_llama, tmp_path):
     assert generated == str(tokens(str(tiny_llama))[0])
     assert "model 'acme/not-cached' is not a local folder, and fetching it from the Hugging " \
            "Face hub failed" in missing
+
+
+def test_processes_fetching_the_same_model_at_once_download_it_once(s3_server, tiny_llama,
+                                                                     model_cache):
+    """Two workers on one machine (a worker per GPU) loading the same s3:// model together:
+    one downloads, the other waits for the lock and finds the copy current."""
+    prefix = f"models-{uuid.uuid4().hex[:8]}/tiny"
+    upload_folder(tiny_llama, s3_server.bucket, prefix)
+    uri = f"s3://{s3_server.bucket}/{prefix}"
+    probe = "import sys; from engine.fetch import local_model_dir; print(local_model_dir(sys.argv[1]))"
+    fetchers = [subprocess.Popen([sys.executable, "-c", probe, uri], stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outputs = [fetcher.communicate(timeout=120) for fetcher in fetchers]
+    assert all(fetcher.returncode == 0 for fetcher in fetchers), outputs
+    [folder] = {out.strip() for out, _ in outputs}
+    assert (Path(folder) / "model.safetensors").read_bytes() == (
+        tiny_llama / "model.safetensors").read_bytes()
+    weight_gets = [line for line in s3_server.log_path.read_text().splitlines()
+                   if f'"GET /{s3_server.bucket}/{prefix}/model.safetensors' in line]
+    assert len(weight_gets) == 1, weight_gets
