@@ -22,10 +22,12 @@ import fcntl
 import fnmatch
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 
@@ -35,6 +37,8 @@ from engine.paths import user_cache_dir
 _MODEL_FILES = ("*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.jinja")
 _HUB_REPO = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 _SOURCE_FILE = ".batchinfer-source.json"  # the listing a cached copy was downloaded from
+
+log = logging.getLogger(__name__)
 
 
 def local_model_dir(model: str) -> Path:
@@ -87,16 +91,20 @@ def _from_s3(uri: str) -> Path:
     with _locked(root / f"{name}.lock"):
         if _read_source(target) == {"uri": uri, "objects": listing}:
             return target
+        size = sum(entry[0] for entry in listing.values())
+        log.info("fetching %s (%d files, %.2f GB) into %s", uri, len(listing), size / 1e9, target)
+        started = time.monotonic()
         staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=root))
         try:
-            for name in listing:
-                client.download_file(bucket, f"{prefix}/{name}", str(staging / name))
+            for file_name in listing:
+                client.download_file(bucket, f"{prefix}/{file_name}", str(staging / file_name))
             (staging / _SOURCE_FILE).write_text(json.dumps({"uri": uri, "objects": listing}))
             if target.exists():  # an older copy: the objects changed since
                 shutil.rmtree(target)
             staging.rename(target)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+        log.info("fetched %s in %.1f s", uri, time.monotonic() - started)
     return target
 
 

@@ -144,9 +144,11 @@ def test_job_with_a_model_registered_on_s3(tmp_path, redis_server, s3_server, s3
                         id_column="id")
     env = worker_env(redis_server.url, s3_store_url, BATCHINFER_MODELS=str(registry),
                      BATCHINFER_MODEL_CACHE=str(tmp_path / "model-cache"))
-    with running_workers(1, env, tmp_path):
+    with running_workers(1, env, tmp_path) as [worker]:
         job.wait(timeout=JOB_TIMEOUT)
     check_job(client, job.id, table, tiny_llama, max_tokens=5)
+    # The operator sees the download in the worker's log, once for the two shards.
+    assert worker.log_path.read_text().count(f"fetching s3://{s3_server.bucket}/{prefix}") == 1
     [cached] = (tmp_path / "model-cache").glob("*-tiny")
     assert (cached / "model.safetensors").read_bytes() == (
         tiny_llama / "model.safetensors").read_bytes()
