@@ -140,9 +140,10 @@ class ProgressBar:
     """Rows done / total with tokens/s and ETA, drawn by tqdm on stderr.
 
     While the job runs, tokens/s is measured here: the tokens the shards reported since the
-    first poll that found it running (its model loaded), over the time since. (The running shards' own rates would read 0 for shards
-    shorter than their reporting interval.) Once the job has ended, it is the job's figure,
-    tokens per busy second, as `batchinfer status` prints it.
+    first poll that found it running (its model loaded), over the time since. (The running
+    shards' own rates would read 0 for shards shorter than their reporting interval.) Once
+    the job has ended, it is the job's figure, tokens per busy second, as `batchinfer
+    status` prints it.
     """
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:

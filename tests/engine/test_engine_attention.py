@@ -94,6 +94,11 @@ def run_case(seed, heads, kv_heads, window, dtype, query_lens, context_lens,
         assert torch.equal(attn.k_cache[table[p // block_size], :, p % block_size], k[p])
 
 
+def require_cpu_kernel() -> None:
+    if not kernels.cpu.supported(torch.float32, 4, 1, 128, 16):
+        pytest.skip("no C compiler: the CPU kernel is not built here")
+
+
 @pytest.fixture
 def triton_on_test_tensors(monkeypatch):
     """engine.kernels.triton_decode in place of the CPU kernel behind
@@ -116,10 +121,8 @@ def triton_on_test_tensors(monkeypatch):
 
 @pytest.fixture(params=DECODE_PATHS)
 def decode_path(request):
-    if request.param == "kernel" and not kernels.paged_decode_supported(
-        torch.device("cpu"), torch.float32, 4, 1, 128, 16
-    ):
-        pytest.skip("no C compiler: the CPU kernel is not built here")
+    if request.param == "kernel":
+        require_cpu_kernel()
     if request.param == "triton":
         request.getfixturevalue("triton_on_test_tensors")
     return request.param
@@ -183,8 +186,8 @@ def fresh_self_checks():
 
 @pytest.mark.parametrize("backend", ["kernel", "triton"])
 def test_self_check_accepts_the_kernels(backend, request, fresh_self_checks):
-    if backend == "kernel" and not cpu_kernel_builds():
-        pytest.skip("no C compiler: the CPU kernel is not built here")
+    if backend == "kernel":
+        require_cpu_kernel()
     if backend == "triton":
         request.getfixturevalue("triton_on_test_tensors")
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
@@ -195,8 +198,7 @@ def test_self_check_accepts_the_kernels(backend, request, fresh_self_checks):
 
 def test_a_kernel_that_fails_or_disagrees_is_not_used(monkeypatch, caplog, fresh_self_checks,
                                                       tiny_llama):
-    if not cpu_kernel_builds():
-        pytest.skip("no C compiler: the CPU kernel is not built here")
+    require_cpu_kernel()
     from engine import LLM, SamplingParams
 
     working = kernels.cpu.paged_decode
@@ -226,13 +228,8 @@ def test_a_kernel_that_fails_or_disagrees_is_not_used(monkeypatch, caplog, fresh
     assert [out.token_ids for out in without_kernel.generate(prompts, params)] == expected
 
 
-def cpu_kernel_builds() -> bool:
-    return kernels.cpu.supported(torch.float32, 4, 1, 128, 16)
-
-
 def test_kernel_results_do_not_depend_on_the_thread_count():
-    if not kernels.paged_decode_supported(torch.device("cpu"), torch.float32, 8, 4, 64, 16):
-        pytest.skip("no C compiler: the CPU kernel is not built here")
+    require_cpu_kernel()
     torch.manual_seed(0)
     q = torch.randn(64, 8, 64)
     k_pool, v_pool = torch.randn(2, 300, 4, 16, 64).unbind(0)
