@@ -154,7 +154,7 @@ class LLM:
         generator = None
         if params.seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(params.seed)
-        detokenizer = IncrementalDetokenizer(self.tokenizer) if params.stop else None
+        detokenizer = IncrementalDetokenizer(self.tokenizer, prompt_ids)
         seq = Sequence(request_id, prompt_ids, params, generator, detokenizer)
         self._requests[request_id] = seq
         self.scheduler.add(seq)
@@ -249,7 +249,8 @@ class LLM:
         del self._requests[seq.request_id]
         text = seq.stop_string_text
         if text is None:
-            text = self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=True)
+            seq.detokenizer.flush()
+            text = seq.detokenizer.text
         return RequestOutput(
             request_id=seq.request_id,
             prompt_token_ids=seq.prompt_token_ids,

@@ -10,7 +10,9 @@ class RequestOutput:
     request_id: str
     prompt_token_ids: list[int]
     token_ids: list[int]  # generated ids; a final EOS / stop token id is not included
-    text: str  # detokenized generated text, no special tokens, cut before a stop string
+    # What the generated ids add to the prompt's text (prompt text + text reads right),
+    # no special tokens, cut before a stop string.
+    text: str
     finish_reason: str  # "stop" | "length" | "error" | "aborted"
     error: str | None
     prompt_tokens: int

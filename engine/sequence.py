@@ -23,7 +23,7 @@ class Sequence:
         prompt_token_ids: list[int],
         params: SamplingParams,
         generator: torch.Generator | None,
-        detokenizer: IncrementalDetokenizer | None,
+        detokenizer: IncrementalDetokenizer,
     ) -> None:
         self.request_id = request_id
         self.params = params
@@ -39,7 +39,7 @@ class Sequence:
         self.num_registered_blocks = 0  # leading blocks already offered to the prefix cache
         self.cached_tokens: int | None = None  # prompt tokens served by the cache at admission
         self.generator = generator  # per-request RNG when a seed is given
-        self.detokenizer = detokenizer  # only for requests with stop strings
+        self.detokenizer = detokenizer  # the generated text, decoded after the prompt's
         self.stop_string_text: str | None = None  # the output text when a stop string hit
         self.finish_reason: str | None = None
 

@@ -38,7 +38,9 @@ def test_greedy_stories_equal_hugging_face(stories_llm, stories260k, hf):
         assert reference.token_ids[-1] == STORY_END  # the story really ended
         assert output.finish_reason == "stop"
         assert output.token_ids == reference.token_ids[:-1]  # the stop token is not output
-        assert output.text == tokenizer.decode(reference.token_ids, skip_special_tokens=True)
+        # The text reads on from the prompt's, the space before its first word included.
+        full = tokenizer.decode(prompt_ids + reference.token_ids, skip_special_tokens=True)
+        assert tokenizer.decode(prompt_ids, skip_special_tokens=True) + output.text == full
         assert output.completion_tokens == len(output.token_ids)
 
 
