@@ -17,6 +17,7 @@ MAX_LONE_OOM_ROWS such rows in a row the shard fails with the reason.
 from __future__ import annotations
 
 import gc
+import itertools
 import logging
 import math
 import time
@@ -57,6 +58,11 @@ READ_BATCH_ROWS = 1024
 # A shard gives up when this many rows in a row ran out of memory even alone: the engine
 # cannot run anything on this worker, and the failure should say so.
 MAX_LONE_OOM_ROWS = 3
+# Numbers every shard run in this process, for its request ids: a cancelled run's aborted
+# requests come out of the engine's next step(), which may be the first step of a rerun of
+# the same shard on the same engine (a retry after a cancel). Were the ids the same, those
+# outputs would be taken for the rerun's rows, as "request aborted" errors.
+_RUN_NUMBERS = itertools.count()
 
 ProgressCallback = Callable[[int, int, float, float], None]
 
@@ -199,6 +205,7 @@ class _ShardRun:
         self.tokens_done = 0
         self.oom_retries = 0
         self.max_chars = limits.max_prompt_chars()
+        self.request_prefix = f"{job_id}-{shard.index:05d}-{attempt}-{next(_RUN_NUMBERS)}"
         # Set when generate() starts and ends.
         self.stats_before: dict[str, Any] = {}
         self.started_at = self.finished_at = datetime.now(timezone.utc)
@@ -262,8 +269,7 @@ class _ShardRun:
                         position, prompt, params, error = item
                     if error is None:
                         # A fresh id per try: an aborted try's output may still come out.
-                        request_id = (f"{self.job_id}-{self.shard.index:05d}-{self.attempt}-"
-                                      f"{position}-{request_number}")
+                        request_id = f"{self.request_prefix}-{position}-{request_number}"
                         request_number += 1
                         try:
                             llm.add_request(request_id, prompt, params)
@@ -364,7 +370,7 @@ class _ShardRun:
         done = len(self.outputs) + len(self.errors)
         try:
             write_progress(self.store, self.job_id, self.shard.index, done, self.rows.num_rows,
-                           self.tokens_done, tokens_per_second, fill)
+                           self.tokens_done, tokens_per_second, fill, failed=len(self.errors))
         except Exception as error:
             log.warning("shard %s: progress not written: %s", self.shard.index,
                         settings.mask_secrets(str(error)))

@@ -254,6 +254,34 @@ def test_cancel_aborts_in_flight_rows_and_writes_nothing(file_store_url, tmp_pat
     assert runner.run_shard(store, job_id, 0, llm)["succeeded"] == 12
 
 
+def test_a_rerun_right_after_a_cancel_runs_every_row(file_store_url, tmp_path, tiny_llama,
+                                                     direct_llm, monkeypatch):
+    """A retry after a cancel: the worker's next shard is the cancelled one, and its first
+    engine step hands back the cancelled run's aborted requests."""
+    monkeypatch.setattr(runner, "CANCEL_CHECK_SECONDS", 0.0)
+    engine = LLM(model=str(tiny_llama), **ENGINE_OPTIONS)  # its own: it may be left dirty
+    store = open_store(file_store_url)
+    prompts = [prompt(i) for i in range(12)]
+    job_id, _ = submit(store, tmp_path, pa.table({"prompt": prompts}), row_group_size=12,
+                       max_tokens=20)
+    checks = []
+
+    def cancel_on_third_check() -> bool:
+        checks.append(engine.num_unfinished_requests())
+        return len(checks) == 3
+
+    assert runner.run_shard(store, job_id, 0, engine,
+                            should_cancel=cancel_on_third_check)["cancelled"]
+    assert engine.num_unfinished_requests() == checks[-1] > 0, "aborted rows not handed back yet"
+
+    summary = runner.run_shard(store, job_id, 0, engine)
+    assert (summary["succeeded"], summary["failed"]) == (12, 0)
+    assert not store.exists(keys.error_key(job_id, 0))
+    direct = direct_llm.generate(prompts, SamplingParams(max_tokens=20, temperature=0.0))
+    assert merge_results(store, job_id).column("output").to_pylist() == [o.text for o in direct]
+    assert not engine.has_unfinished_requests(), "the rerun left requests in the engine"
+
+
 def test_in_flight_requests_stay_bounded(file_store_url, tmp_path, tiny_llama):
     class PeakCountingLLM(LLM):
         """The real engine, noting how many requests it holds when each one arrives."""
