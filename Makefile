@@ -23,7 +23,7 @@ $(BIN)/python:
 
 # Where the machine keeps a CPU build of torch 2.13.0 among pip's local wheels, install it
 # before the project so that pip does not download a multi-GB CUDA build; elsewhere this
-# step finds nothing and pip picks a torch for the machine (torch>=2.4).
+# step finds nothing and pip picks a torch for the machine (torch>=2.5).
 $(VENV)/.torch: | $(BIN)/python
 	-$(BIN)/pip install -q --no-index --no-deps torch==2.13.0 2>/dev/null
 	touch $@

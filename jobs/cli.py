@@ -6,15 +6,28 @@ import argparse
 import json
 import os
 import sys
+from collections import Counter
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any, NoReturn
 
-from jobs.errors import UserError
+from jobs import settings
+from jobs.errors import ServiceUnavailable, UserError
+from jobs.manifest import STATES
 from jobs.settings import mask_secrets
 
+# Exit codes (documented in the README): scripts tell these cases apart.
+EXIT_OK = 0  # done; with --wait, the job completed and every row succeeded
+EXIT_JOB_NOT_COMPLETED = 1  # with --wait, the job ended failed or cancelled
+EXIT_USAGE = 2  # a user mistake: one line on stderr
+EXIT_ROWS_FAILED = 3  # with --wait, the job completed but some rows failed
+EXIT_UNAVAILABLE = 4  # the broker or the store could not be reached
+# How many distinct error reasons a summary shows.
+COMMONEST_REASONS = 3
+
 SUBMIT_HELP = """Validate INPUT.parquet, upload it to the store and queue its shards.
-Prints the job id (or {"job_id": ...} with --json). With --wait, shows a progress bar
-and exits non-zero if the job does not complete."""
+Prints the job id (or {"job_id": ...} with --json). With --wait, shows a progress bar,
+then a summary with the commonest reasons rows failed; exits 0 when every row succeeded,
+3 when the job completed with failed rows, 1 when it failed or was cancelled."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -75,61 +88,130 @@ def cmd_submit(args: argparse.Namespace) -> int:
     if args.json:
         _print_json({"job_id": job.id})
     else:
-        print(job.id)
+        print(job.id, flush=True)
+    _say_if_embedded(args)  # where the job went, before a long wait
     if not args.wait:
-        return 0
-    status = job.wait(progress=not args.json)
-    _print_summary(status)
-    if args.output and status["state"] == "completed":
-        rows = job.download_results(args.output)
-        print(f"wrote {rows} result rows to {args.output}", file=sys.stderr)
-    return 0 if status["state"] == "completed" else 1
+        return EXIT_OK
+    return _wait_and_summarize(job, progress=not args.json, output=args.output)
 
 
-def _print_summary(status: dict) -> None:
+def _wait_and_summarize(job, progress: bool, output: str | None = None) -> int:
+    """Follow a job to its end, summarize it on stderr; the exit code says how it ended."""
+    status = job.wait(progress=progress)
+    for line in _summary_lines(status, job):
+        print(line, file=sys.stderr)
+    if output and status["state"] == "completed":
+        rows = job.download_results(output)
+        print(f"wrote {rows} result rows to {output}", file=sys.stderr)
+    if status["state"] != "completed":
+        return EXIT_JOB_NOT_COMPLETED
+    return EXIT_ROWS_FAILED if status["counts"].get("failed_rows") else EXIT_OK
+
+
+def _summary_lines(status: dict, job=None) -> list[str]:
+    """The job in a few lines: state and counts, tokens and speed, progress while it runs,
+    the reason it ended, and (given the job) its commonest row errors."""
     counts, usage = status.get("counts", {}), status.get("usage", {})
     line = (f"job {status['job_id']} {status['state']}: {counts.get('succeeded_rows', 0)} rows ok, "
-            f"{counts.get('failed_rows', 0)} failed")
-    if usage:
-        line += (f"; {usage.get('completion_tokens', 0)} tokens generated, "
-                 f"{usage.get('tokens_per_second', 0):.0f} tok/s, "
-                 f"${usage.get('cost_per_million_tokens', 0):.4f} per 1M tokens")
+            f"{counts.get('failed_rows', 0)} failed of {counts.get('total_rows', 0)}; "
+            f"shards {counts.get('shards_done', 0)}/{counts.get('shards_total', 0)} done")
+    lines = [line]
+    if usage.get("busy_seconds"):
+        lines.append(f"tokens: {usage.get('prompt_tokens', 0)} prompt + "
+                     f"{usage.get('completion_tokens', 0)} generated, "
+                     f"{usage.get('tokens_per_second', 0):.0f} tok/s (prompt + generated, per "
+                     f"busy second), ${usage.get('cost_per_million_tokens', 0):.4f} per 1M tokens")
+    live = status.get("progress")
+    if live and live.get("eta_seconds") is not None:
+        from jobs.client import format_duration
+
+        lines.append(f"progress: {live['rows_done']} rows done, ETA "
+                     f"{format_duration(live['eta_seconds'])}")
     if status.get("reason"):
-        line += f"; reason: {status['reason']}"
-    print(line, file=sys.stderr)
+        lines.append(f"reason: {status['reason']}")
+    if job is not None and counts.get("failed_rows") and status["state"] in (
+            "completed", "failed", "cancelled"):
+        lines.extend(_error_lines(job, counts["failed_rows"]))
+    return lines
+
+
+def _error_lines(job, failed: int) -> list[str]:
+    reasons = Counter(job.errors().column("error").to_pylist())
+    lines = [f"{failed} row(s) failed; commonest reasons:"]
+    lines += [f"  {n} x {reason}" for reason, n in reasons.most_common(COMMONEST_REASONS)]
+    if len(reasons) > COMMONEST_REASONS:
+        lines.append(f"  ... and {len(reasons) - COMMONEST_REASONS} other reason(s)")
+    lines.append(f"  every failed row: batchinfer errors {job.id} -o errors.parquet")
+    return lines
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    status = _client().job(args.job).status()
+    job = _client().job(args.job)
+    if args.wait:
+        code = _wait_and_summarize(job, progress=not args.json)
+        if args.json:
+            _print_json(job.status())
+        return code
+    status = job.status()
     if args.json:
         _print_json(status)
-    else:
-        _print_summary(status)
-    return 0
+        return EXIT_OK
+    for line in _summary_lines(status, job):
+        print(line)
+    if status["state"] == "queued":
+        notice = job.worker_notice()
+        if notice:
+            print(notice)
+    return EXIT_OK
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:
-    jobs = _client().jobs()
+    if args.limit is not None and args.limit < 1:
+        raise UserError(f"--limit must be at least 1, got {args.limit}")
+    jobs = [job for job in _client().jobs() if not args.state or job["state"] in args.state]
+    jobs = jobs[:args.limit]
     if args.json:
         _print_json(jobs)
-        return 0
+        return EXIT_OK
     for job in jobs:
         counts = job.get("counts", {})
         print(f"{job['job_id']}  {job['state']:<10}  {counts.get('total_rows', 0):>8} rows  "
-              f"{job.get('model', '')}")
-    return 0
+              f"{job.get('created_at', '')[:19]}  {job.get('model', '')}")
+    return EXIT_OK
 
 
 def cmd_results(args: argparse.Namespace) -> int:
     rows = _client().job(args.job).download_results(args.output)
     print(f"wrote {rows} result rows to {args.output}", file=sys.stderr)
-    return 0
+    return EXIT_OK
+
+
+def cmd_errors(args: argparse.Namespace) -> int:
+    job = _client().job(args.job)
+    if args.output:
+        rows = job.download_errors(args.output)
+        print(f"wrote {rows} failed rows to {args.output}", file=sys.stderr)
+        return EXIT_OK
+    table = job.errors()
+    if args.json:
+        _print_json(table.to_pylist())
+        return EXIT_OK
+    id_column = table.column_names[0]
+    for row in table.to_pylist():
+        print(f"{row[id_column]}\t{row['error_kind']}\t{row['error']}")
+    return EXIT_OK
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
-    status = _client().job(args.job).cancel()
-    print(f"job {args.job} {status['state']}", file=sys.stderr)
-    return 0
+    status = _client().job(args.job).cancel(by="batchinfer cancel")
+    print(f"job {args.job} {status['state']}")
+    return EXIT_OK
+
+
+def cmd_delete(args: argparse.Namespace) -> int:
+    _client().job(args.job).delete()
+    print(f"job {args.job} deleted")
+    return EXIT_OK
 
 
 def cmd_retry(args: argparse.Namespace) -> int:
@@ -138,16 +220,13 @@ def cmd_retry(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(plan)
     elif plan["round"] is None:
-        print(f"job {args.job}: nothing to retry", file=sys.stderr)
+        print(f"job {args.job}: nothing to retry")
     else:
         print(f"job {args.job}: retry round {plan['round']} queued: "
-              f"{len(plan['whole_shards'])} whole shard(s), {plan['rows']} failed row(s)",
-              file=sys.stderr)
+              f"{len(plan['whole_shards'])} whole shard(s), {plan['rows']} failed row(s)")
     if not args.wait or plan["round"] is None:
-        return 0
-    status = job.wait(progress=not args.json)
-    _print_summary(status)
-    return 0 if status["state"] == "completed" else 1
+        return EXIT_OK
+    return _wait_and_summarize(job, progress=not args.json)
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
@@ -202,6 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
         "usage land in object storage. Configured from the environment: "
         "BATCHINFER_STORE_URL, BATCHINFER_BROKER_URL, ... (see the README)."))
     parser.add_argument("--version", action="version", version=f"batchinfer {_package_version()}")
+    parser.set_defaults(told_store=False)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     submit = sub.add_parser("submit", help="submit a Parquet file of prompts", description=SUBMIT_HELP)
@@ -211,9 +291,15 @@ def build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="a job's state, counts and usage")
     status.add_argument("job", metavar="JOB", help="job id")
     status.add_argument("--json", action="store_true", help="print the manifest as JSON")
+    status.add_argument("--wait", action="store_true",
+                        help="follow the job to its end with a progress bar (exit codes as "
+                             "submit --wait)")
     status.set_defaults(func=cmd_status)
 
-    jobs = sub.add_parser("jobs", help="list jobs")
+    jobs = sub.add_parser("jobs", help="list jobs, newest first")
+    jobs.add_argument("--state", action="append", choices=STATES, metavar="STATE",
+                      help=f"only jobs in this state (repeatable; one of {', '.join(STATES)})")
+    jobs.add_argument("--limit", type=int, metavar="N", help="at most N jobs")
     jobs.add_argument("--json", action="store_true", help="print a JSON list")
     jobs.set_defaults(func=cmd_jobs)
 
@@ -222,9 +308,29 @@ def build_parser() -> argparse.ArgumentParser:
     results.add_argument("-o", "--output", required=True, metavar="OUT.parquet")
     results.set_defaults(func=cmd_results)
 
+    errors = sub.add_parser(
+        "errors", help="a job's failed rows: id, kind and reason",
+        description="Print the rows of a job that failed (id, error kind, reason; tab-"
+                    "separated, or JSON with --json), or write them to a Parquet file with -o. "
+                    "Kind 'invalid': the row itself cannot run (fix the input); 'transient': "
+                    "the engine failed on it at run time (batchinfer retry runs it again).")
+    errors.add_argument("job", metavar="JOB", help="job id")
+    errors.add_argument("-o", "--output", metavar="ERRORS.parquet",
+                        help="write the failed rows here instead of printing them")
+    errors.add_argument("--json", action="store_true", help="print a JSON list")
+    errors.set_defaults(func=cmd_errors)
+
     cancel = sub.add_parser("cancel", help="cancel a job (rows already written stay)")
     cancel.add_argument("job", metavar="JOB", help="job id")
     cancel.set_defaults(func=cmd_cancel)
+
+    delete = sub.add_parser(
+        "delete", help="delete a finished job from the store",
+        description="Delete a finished job's objects (input, results, errors, manifest) from "
+                    "the store; its usage records stay. A job still going is refused: cancel "
+                    "it first.")
+    delete.add_argument("job", metavar="JOB", help="job id")
+    delete.set_defaults(func=cmd_delete)
 
     retry = sub.add_parser(
         "retry", help="run again a finished job's failed shards and transiently failed rows",
@@ -288,6 +394,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# The commands that use the store (and the broker): they say so, once they have run, when
+# those are the embedded defaults, which live in the current folder. (Not before: a user
+# mistake stays one line.)
+STORE_COMMANDS = ("submit", "status", "jobs", "results", "errors", "cancel", "delete", "retry")
+_EMBEDDED = {"BATCHINFER_STORE_URL": "store", "BATCHINFER_BROKER_URL": "broker"}
+
+
+def _say_if_embedded(args: argparse.Namespace) -> None:
+    defaults = [name for name in _EMBEDDED if not os.environ.get(name)]
+    if defaults and not args.told_store:
+        args.told_store = True
+        print(f"batchinfer: the embedded {' and '.join(_EMBEDDED[d] for d in defaults)} in "
+              f"{settings.home()} (set BATCHINFER_HOME, or {' and '.join(defaults)})",
+              file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
@@ -299,10 +421,16 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         if args.command == "worker":
             args.celery_args = extra
-        return args.func(args)
+        code = args.func(args)
+        if args.command in STORE_COMMANDS:
+            _say_if_embedded(args)
+        return code
     except UserError as exc:
         print(f"batchinfer: error: {mask_secrets(str(exc))}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
+    except ServiceUnavailable as exc:
+        print(f"batchinfer: error: {mask_secrets(str(exc))}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
     except KeyboardInterrupt:
         return 130
 

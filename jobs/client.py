@@ -7,6 +7,10 @@ needs no Celery).
 
 from __future__ import annotations
 
+import getpass
+import logging
+import os
+import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -14,14 +18,18 @@ from typing import Any
 
 import pyarrow as pa
 
-from jobs import finalize, manifest, progress, results, retry, settings
+from jobs import delete, finalize, manifest, progress, results, retry, settings
 from jobs.keys import validate_job_id
+from jobs.manifest import TERMINAL_STATES
 from jobs.planner import Shard
-from jobs.spec import JobSpec
+from jobs.spec import DEFAULT_QUEUE, JobSpec
 from jobs.store import Store, open_store
 from jobs.submit import submit_job
 
-TERMINAL_STATES = ("completed", "failed", "cancelled")
+# How often a job that stays queued is checked for a worker on its queue.
+WORKER_CHECK_SECONDS = 5.0
+
+log = logging.getLogger(__name__)
 
 
 class Job:
@@ -35,25 +43,49 @@ class Job:
         return f"Job({self.id!r})"
 
     def status(self) -> dict[str, Any]:
-        """The manifest, with live row counts from the shards' progress while it runs."""
+        """The manifest; while the job runs, with the shards' live progress under "progress"
+        and counts that move as shards finish (rows done, shards done, an ETA)."""
         state = manifest.load_manifest(self.client.store, self.id)
         if state["state"] not in TERMINAL_STATES:
-            state["progress"] = progress.read_progress(self.client.store, self.id)
+            state["progress"] = live = progress.read_progress(self.client.store, self.id)
+            progress.add_live_counts(self.client.store, state, live)
         return state
+
+    def worker_notice(self) -> str | None:
+        """What to do when no worker consumes this job's queue (None: one does)."""
+        from workers.dispatch import queue_consumers
+
+        queue = self.client.job_spec(self.id).queue
+        if queue_consumers(queue, broker_url=self.client.broker_url):
+            return None
+        start = "batchinfer worker" + (f" --queues {queue}" if queue else "")
+        return f"no worker is consuming queue {queue or DEFAULT_QUEUE}: start one with `{start}`"
 
     def wait(self, progress: bool = False, poll_seconds: float = 1.0,
              timeout: float | None = None, check: Callable[[], None] | None = None) -> dict[str, Any]:
         """Block until the job ends; with progress=True, draw a progress bar on stderr.
 
-        check, if given, is called at each poll and may raise to stop waiting (the demo uses
-        it to notice that its worker died)."""
+        A job that stays queued is checked for a worker on its queue every
+        WORKER_CHECK_SECONDS; without one, the bar (or, without a bar, a logged warning)
+        says how to start one. check, if given, is called at each poll and may raise to stop
+        waiting (the demo uses it to notice that its worker died)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         bar = ProgressBar() if progress else None
+        next_worker_check = time.monotonic() + WORKER_CHECK_SECONDS
+        notice = None
         try:
             while True:
                 status = self.status()
+                if status["state"] != "queued":
+                    notice = None
+                elif time.monotonic() >= next_worker_check:
+                    next_worker_check = time.monotonic() + WORKER_CHECK_SECONDS
+                    fresh = self.worker_notice()
+                    if fresh and fresh != notice and bar is None:
+                        log.warning("job %s: %s", self.id, fresh)
+                    notice = fresh
                 if bar is not None:
-                    bar.update(status)
+                    bar.update(status, notice)
                 if status["state"] in TERMINAL_STATES:
                     return status
                 if deadline is not None and time.monotonic() > deadline:
@@ -65,12 +97,13 @@ class Job:
             if bar is not None:
                 bar.close()
 
-    def cancel(self) -> dict[str, Any]:
+    def cancel(self, by: str = "the Python client") -> dict[str, Any]:
         """Stop queued shards from starting and running ones at their next engine step.
 
-        The job ends cancelled at once (even with no worker up to notice); rows already
-        written stay, and a shard that was finishing as the cancel came still counts."""
-        state = manifest.request_cancel(self.client.store, self.id)
+        The job ends cancelled at once (even with no worker up to notice), its reason saying
+        who cancelled it (user@host with `by`) and when; rows already written stay, and a
+        shard that was finishing as the cancel came still counts."""
+        state = manifest.request_cancel(self.client.store, self.id, by=f"{_user()} with {by}")
         if state["state"] != "cancelling":
             return state  # it had already ended
         return finalize.finalize_if_complete(self.client.store, self.id) or state
@@ -89,6 +122,19 @@ class Job:
 
         return retry.start_retry(self.client.store, self.id, enqueue)
 
+    def errors(self) -> pa.Table:
+        """The rows that failed, (id, error, error_kind), in input order; empty if none."""
+        return results.errors_table(self.client.store, self.id)
+
+    def download_errors(self, out_path: str | Path) -> int:
+        """Write the failed rows to a local Parquet file; returns the row count."""
+        return results.write_tables_file([self.errors()], out_path)
+
+    def delete(self) -> None:
+        """Delete the job's objects from the store (not its usage records); UserError if it
+        is still going."""
+        delete.delete_job(self.client.store, self.id)
+
     def results(self) -> pa.Table:
         """All result rows of the finished shards, in input order."""
         return results.merge_results(self.client.store, self.id)
@@ -96,6 +142,15 @@ class Job:
     def download_results(self, out_path: str | Path) -> int:
         """Write the merged results to a local Parquet file; returns the row count."""
         return results.write_results_file(self.client.store, self.id, out_path)
+
+
+def _user() -> str:
+    """user@host of this process, for the record of who cancelled a job."""
+    try:
+        user = getpass.getuser()
+    except (OSError, KeyError):  # no login name: a container without a passwd entry
+        user = f"uid {os.getuid()}"
+    return f"{user}@{socket.gethostname()}"
 
 
 class Client:
@@ -137,19 +192,20 @@ class Client:
 
 
 class ProgressBar:
-    """Rows done / total with tokens/s and ETA, drawn by tqdm on stderr.
+    """Rows done / total with the job's state, tokens/s and ETA, drawn by tqdm on stderr.
 
     While the job runs, tokens/s is measured here: the tokens the shards reported since the
     first poll that found it running (its model loaded), over the time since. (The running
     shards' own rates would read 0 for shards shorter than their reporting interval.) Once
     the job has ended, it is the job's figure, tokens per busy second, as `batchinfer
-    status` prints it.
+    status` prints it. The bar is drawn from the first update, once the total is known.
     """
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
-        from tqdm import tqdm
+    # tqdm's own rate and ETA would count from the bar's start, model load included.
+    BAR_FORMAT = "{l_bar}{bar}| {n_fmt}/{total_fmt} rows [{elapsed}{postfix}]"
 
-        self._bar = tqdm(total=0, unit="row", dynamic_ncols=True)
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._bar: Any = None
         self._clock = clock
         self._started: float | None = None
         self._tokens_by_shard: dict[int, int] = {}
@@ -169,23 +225,47 @@ class ProgressBar:
         elapsed = now - self._started
         return self._tokens_since_start / elapsed if elapsed > 0 else 0.0
 
-    def update(self, status: dict[str, Any]) -> None:
+    def update(self, status: dict[str, Any], notice: str | None = None) -> None:
+        """Redraw from a status; notice (no worker for the queue, say) replaces the rate."""
         counts = status.get("counts", {})
         live = status.get("progress") or {}
-        total = counts.get("total_rows", 0)
-        done = live.get("rows_done", counts.get("succeeded_rows", 0) + counts.get("failed_rows", 0))
-        if status["state"] in TERMINAL_STATES:
+        ended = status["state"] in TERMINAL_STATES
+        round_number = (status.get("retry") or {}).get("round") if not ended else None
+        if round_number:  # a retry round's progress covers only the rows it runs again
+            total, done = live.get("rows_total", 0), live.get("rows_done", 0)
+        else:
+            total = counts.get("total_rows", 0)
             done = counts.get("succeeded_rows", 0) + counts.get("failed_rows", 0)
+        if self._bar is None:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total, unit="row", dynamic_ncols=True,
+                             bar_format=self.BAR_FORMAT)
         self._bar.total = total
         self._bar.n = min(done, total) if total else done
-        if status["state"] in TERMINAL_STATES:
-            rate = status.get("usage", {}).get("tokens_per_second", 0.0)
-        elif status["state"] in ("validating", "queued"):
-            rate = 0.0
+        label = status["state"] + (f" (retry round {round_number})" if round_number else "")
+        if notice:
+            text = f"{label}: {notice}"
         else:
-            rate = self._live_rate(live)
-        self._bar.set_postfix_str(f"{status['state']}, {rate:.0f} tok/s", refresh=False)
+            if ended:
+                rate = status.get("usage", {}).get("tokens_per_second", 0.0)
+            elif status["state"] in ("validating", "queued"):
+                rate = 0.0
+            else:
+                rate = self._live_rate(live)
+            text = f"{label}, {rate:.0f} tok/s"
+            if not ended and live.get("eta_seconds") is not None:
+                text += f", ETA {format_duration(live['eta_seconds'])}"
+        self._bar.set_postfix_str(text, refresh=False)
         self._bar.refresh()
 
     def close(self) -> None:
-        self._bar.close()
+        if self._bar is not None:
+            self._bar.close()
+
+
+def format_duration(seconds: float) -> str:
+    """A duration as H:MM:SS or M:SS."""
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"

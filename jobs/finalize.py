@@ -16,6 +16,7 @@ from typing import Any
 from jobs import keys
 from jobs.manifest import (
     TERMINAL_STATES,
+    cancel_reason,
     cancel_requested,
     load_manifest,
     update_manifest,
@@ -87,10 +88,11 @@ def finalize_if_complete(store: Store, job_id: str) -> dict[str, Any] | None:
     return finalize_job(store, job_id)
 
 
-def _final_state(cancelled: bool, shards_total: int, missing_shards: list[int],
+def _final_state(cancelled: str | None, shards_total: int, missing_shards: list[int],
                  shard_errors: list[str]) -> tuple[str, str | None]:
+    """cancelled: the cancel's reason, if the job was cancelled."""
     if cancelled:
-        return "cancelled", None
+        return "cancelled", cancelled
     if shard_errors:
         return "failed", f"{len(shard_errors)} shard(s) failed; first: {shard_errors[0]}"
     if missing_shards:
@@ -176,7 +178,8 @@ def _final_changes(store: Store, job_id: str, manifest: dict[str, Any],
         "usage": usage_totals(records),
     }
     if manifest["state"] not in TERMINAL_STATES:
-        state, reason = _final_state(cancelled, shards_total, missing, errors)
+        state, reason = _final_state(cancel_reason(store, job_id) if cancelled else None,
+                                     shards_total, missing, errors)
         changes.update(state=state, reason=mask_secrets(reason) if reason else None,
                        finished_at=utc_now())
     if not manifest.get("started_at") and records:

@@ -102,13 +102,28 @@ def mark_running(store: Store, job_id: str) -> dict[str, Any]:
                            started_at=manifest.get("started_at") or utc_now())
 
 
-def request_cancel(store: Store, job_id: str) -> dict[str, Any]:
-    """Ask a job to stop (state cancelling); a job already ending is left alone."""
+def request_cancel(store: Store, job_id: str, by: str = "") -> dict[str, Any]:
+    """Ask a job to stop (state cancelling); a job already ending is left alone. by: who
+    asked, for the job's reason ("root@host with batchinfer cancel")."""
     manifest = load_manifest(store, job_id)
     if manifest["state"] not in ("validating", "queued", "running"):
         return manifest
-    put_json(store, keys.cancel_key(job_id), {"at": utc_now()})
-    return update_manifest(store, job_id, state="cancelling")
+    marker = {"at": utc_now(), "by": by}
+    put_json(store, keys.cancel_key(job_id), marker)
+    return update_manifest(store, job_id, state="cancelling", reason=_cancel_reason(marker))
+
+
+def cancel_reason(store: Store, job_id: str) -> str:
+    """The reason a cancelled job gives: who cancelled it and when."""
+    try:
+        return _cancel_reason(get_json(store, keys.cancel_key(job_id)))
+    except NotFound:
+        return "cancelled"
+
+
+def _cancel_reason(marker: dict[str, Any]) -> str:
+    by = f" by {marker['by']}" if marker.get("by") else ""
+    return f"cancelled{by} at {marker.get('at', 'an unknown time')}"
 
 
 def cancel_requested(store: Store, job_id: str) -> bool:

@@ -74,3 +74,36 @@ def resolve_model(name: str) -> str:
     if "://" in name:
         raise UserError(f"unknown model {name!r}: a URI must be registered in BATCHINFER_MODELS")
     return _local_model(Path(name), name, registered)
+
+
+def model_for_submit(name: str) -> str:
+    """The model as a job stores it: a local folder (one that exists here and is not a
+    registered name) as an absolute path, since workers run in other folders; registered
+    names and URIs as given, for the workers' registry to resolve."""
+    entries, _ = _registry()
+    if name in entries or "://" in name:
+        return name
+    path = Path(name).expanduser()
+    return os.path.abspath(path) if path.is_dir() else name
+
+
+def local_model_folder(name: str) -> Path | None:
+    """The folder a model name resolves to on this machine, or None where only a worker can
+    tell (a URI, a name this machine's registry lacks, a path that is not here)."""
+    try:
+        target = resolve_model(name)
+    except UserError:
+        return None
+    return None if "://" in target else Path(target)
+
+
+def has_chat_template(folder: Path) -> bool:
+    """Whether the tokenizer in folder carries a chat template (in tokenizer_config.json or
+    in the files that newer transformers versions write beside it)."""
+    if (folder / "chat_template.jinja").is_file() or (folder / "chat_template.json").is_file():
+        return True
+    try:
+        config = json.loads((folder / "tokenizer_config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return bool(isinstance(config, dict) and config.get("chat_template"))

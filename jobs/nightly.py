@@ -42,6 +42,7 @@ import pyarrow as pa
 
 from jobs import keys, manifest
 from jobs.claims import create_once
+from jobs.delete import delete_job_objects
 from jobs.errors import UserError
 from jobs.outcomes import merge_errors
 from jobs.results import write_results_file
@@ -346,7 +347,8 @@ def expire_jobs(store: Store, retention_days: int, now: datetime | None = None) 
         # Read again just before deleting: a retry may have re-queued it since the listing.
         if _expired(job, cutoff) and _expired(manifest.load_manifest(store, job["job_id"]),
                                               cutoff):
-            _delete_job(store, job["job_id"])
+            delete_job_objects(store, job["job_id"])
+            log.info("job %s expired", job["job_id"])
             expired.append(job["job_id"])
     return expired
 
@@ -357,11 +359,3 @@ def _expired(job: dict[str, Any], cutoff: datetime) -> bool:
             and datetime.fromisoformat(stamp) < cutoff)
 
 
-def _delete_job(store: Store, job_id: str) -> None:
-    # The manifest goes last: a deletion cut short is found, and finished, by the next run.
-    manifest_key = keys.manifest_key(job_id)
-    for key in store.list(keys.job_prefix(job_id)):
-        if key != manifest_key:
-            store.delete(key)
-    store.delete(manifest_key)
-    log.info("job %s expired", job_id)

@@ -6,6 +6,7 @@ add them up for a progress bar. (Workers also send the same numbers to Flower.)
 
 from __future__ import annotations
 
+from datetime import datetime, timezone
 from typing import Any
 
 from jobs import keys
@@ -14,10 +15,12 @@ from jobs.store import NotFound, Store, get_json, put_json
 
 
 def write_progress(store: Store, job_id: str, shard_index: int, done: int, total: int,
-                   tokens: int, tokens_per_second: float, batch_fill: float) -> None:
-    """tokens: prompt + completion tokens of the shard's rows finished so far."""
+                   tokens: int, tokens_per_second: float, batch_fill: float,
+                   failed: int = 0) -> None:
+    """done: rows finished so far, failed: those of them that failed; tokens: prompt +
+    completion tokens of the finished rows."""
     put_json(store, keys.progress_key(job_id, shard_index), {
-        "shard": shard_index, "done": done, "total": total, "tokens": tokens,
+        "shard": shard_index, "done": done, "failed": failed, "total": total, "tokens": tokens,
         "tokens_per_second": tokens_per_second, "batch_fill": batch_fill,
         "updated_at": utc_now(),
     })
@@ -38,6 +41,7 @@ def read_progress(store: Store, job_id: str) -> dict[str, Any]:
     running = [s for s in shards if s["done"] < s["total"]]
     return {
         "rows_done": sum(s["done"] for s in shards),
+        "rows_failed": sum(s.get("failed", 0) for s in shards),
         "rows_total": sum(s["total"] for s in shards),
         "tokens": sum(s.get("tokens", 0) for s in shards),  # absent from older workers' objects
         "shards_reporting": len(shards),
@@ -46,3 +50,30 @@ def read_progress(store: Store, job_id: str) -> dict[str, Any]:
         "batch_fill": (sum(s["batch_fill"] for s in running) / len(running)) if running else 0.0,
         "shards": sorted(shards, key=lambda s: s["shard"]),
     }
+
+
+def add_live_counts(store: Store, status: dict[str, Any], live: dict[str, Any],
+                    now: datetime | None = None) -> None:
+    """Make a running job's counts move: shards done as their parts land, rows done (and
+    of them failed) from the shards' progress, and an ETA from the rows per second since
+    the job started. A retry round's progress covers only the rows it runs again, so its
+    counts stay those of the finished run before it (the bar shows the round's own)."""
+    counts = status["counts"]
+    counts["shards_done"] = sum(1 for key in store.list(keys.results_prefix(status["job_id"]))
+                                if keys.part_of_key(key)[1] == 0)
+    if status.get("retry"):
+        return
+    done = min(live["rows_done"], counts["total_rows"])
+    counts["failed_rows"] = live["rows_failed"]
+    counts["succeeded_rows"] = done - live["rows_failed"]
+    live["eta_seconds"] = eta_seconds(done, counts["total_rows"], status.get("started_at"), now)
+
+
+def eta_seconds(done: int, total: int, started_at: str | None,
+                now: datetime | None = None) -> float | None:
+    """Seconds left at the rate rows have finished since started_at (None: no rate yet)."""
+    if not done or not started_at:
+        return None
+    elapsed = ((now or datetime.now(timezone.utc)) - datetime.fromisoformat(started_at))
+    seconds = elapsed.total_seconds()
+    return (total - done) * seconds / done if seconds > 0 else None

@@ -9,7 +9,7 @@ from __future__ import annotations
 import itertools
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import pyarrow as pa
@@ -17,14 +17,22 @@ import pyarrow.parquet as pq
 
 from jobs import keys
 from jobs.errors import UserError
-from jobs.outcomes import ShardOutcome, list_outcomes
+from jobs.manifest import load_manifest
+from jobs.outcomes import (
+    ERROR_COLUMN,
+    ERROR_KIND_COLUMN,
+    ShardOutcome,
+    list_outcomes,
+    merge_errors,
+)
 from jobs.planner import plan_shards
-from jobs.spec import input_layout, load_spec
+from jobs.spec import ROW_INDEX_COLUMN, input_layout, load_spec
 from jobs.store import Store
 from jobs.tables import read_table
 
 
 def _outcomes(store: Store, job_id: str) -> list[ShardOutcome]:
+    load_manifest(store, job_id)  # an unknown job is "not found", as everywhere
     outcomes = [o for _, o in sorted(list_outcomes(store, job_id).items()) if o.done]
     if not outcomes:
         raise UserError(f"job {job_id} has no results yet")
@@ -71,7 +79,25 @@ def write_results_file(store: Store, job_id: str, out_path: str | Path) -> int:
 
     The file appears whole or not at all. Returns the number of rows written.
     """
-    tables = _shard_tables(store, job_id)
+    return write_tables_file(_shard_tables(store, job_id), out_path)
+
+
+def errors_table(store: Store, job_id: str) -> pa.Table:
+    """The job's failed rows (id, error, error_kind) in input order; no rows if none."""
+    load_manifest(store, job_id)
+    table = merge_errors(store, job_id)
+    if table is not None:
+        return table
+    id_column = load_spec(store, job_id).id_column or ROW_INDEX_COLUMN
+    return pa.table({id_column: pa.array([], pa.string()),
+                     ERROR_COLUMN: pa.array([], pa.string()),
+                     ERROR_KIND_COLUMN: pa.array([], pa.string())})
+
+
+def write_tables_file(tables: Iterable[pa.Table], out_path: str | Path) -> int:
+    """Write tables of one schema to a local Parquet file that appears whole or not at all;
+    returns the number of rows written."""
+    tables = iter(tables)
     first = next(tables)
     out = Path(out_path)
     temp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex}")

@@ -29,6 +29,8 @@ OVERRIDE_COLUMNS = (*INTEGER_OVERRIDES, *FLOAT_OVERRIDES, "stop")
 ROW_INDEX_COLUMN = "row_index"
 RESULT_COLUMNS = ("output", "finish_reason", "prompt_tokens", "completion_tokens", "cached_tokens")
 ERROR_COLUMN = "error"
+# The Celery queue of a job's shards when it names none.
+DEFAULT_QUEUE = "batchinfer"
 _ID_BATCH_ROWS = 64 * 1024
 
 
@@ -92,6 +94,12 @@ class JobSpec:
         if "model" not in values:
             raise UserError("a job spec needs a model")
         return cls(**values)
+
+
+def setting_name(field: str) -> str:
+    """A spec field as both its callers know it: the Python client and inbox specs by the
+    field's name, the command line by its flag."""
+    return f"{field} (--{field.replace('_', '-')})"
 
 
 def _check_text(name: str, value: Any) -> None:
@@ -215,9 +223,9 @@ def input_layout(schema: pa.Schema, spec: JobSpec) -> InputLayout:
     listing = ", ".join(names)
     text = spec.text_column
     if text not in names:
-        flag = "--messages-column" if spec.messages_column else "--prompt-column"
+        setting = setting_name("messages_column" if spec.messages_column else "prompt_column")
         raise UserError(f"input has no column {text!r} (columns: {listing}); "
-                        f"name the right one with {flag}")
+                        f"name the right one with {setting}")
     text_type = schema.field(text).type
     if spec.messages_column:
         if not _is_messages(text_type):
@@ -237,7 +245,8 @@ def input_layout(schema: pa.Schema, spec: JobSpec) -> InputLayout:
             raise UserError(f"id column {id_column!r} must be integer or string, got {id_type}")
     elif ROW_INDEX_COLUMN in names:
         raise UserError(f"input has a column named {ROW_INDEX_COLUMN!r}, the name results use "
-                        f"for row numbers; pass --id-column {ROW_INDEX_COLUMN} or rename it")
+                        f"for row numbers; set {setting_name('id_column')} to "
+                        f"{ROW_INDEX_COLUMN!r} or rename it")
 
     overrides = tuple(n for n in OVERRIDE_COLUMNS if n in names and n != text)
     for name in overrides:

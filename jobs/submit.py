@@ -9,6 +9,7 @@ key can be used again with a corrected file.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import tempfile
 import time
@@ -19,11 +20,11 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from jobs import keys
-from jobs.errors import UserError
-from jobs.manifest import new_manifest, save_manifest, utc_now
+from jobs import keys, models
+from jobs.errors import ServiceUnavailable, UserError
+from jobs.manifest import new_manifest, save_manifest, update_manifest, utc_now
 from jobs.planner import Shard, plan_shards
-from jobs.spec import JobSpec, load_spec, save_spec, validate_input
+from jobs.spec import JobSpec, load_spec, save_spec, setting_name, validate_input
 from jobs.store import NotFound, Store, get_json, put_json
 
 # A racing submit waits this long for the winner to finish creating the job.
@@ -46,6 +47,7 @@ def create_job(store: Store, source: str | Path | pa.Table, spec: JobSpec,
     Nothing is uploaded unless the input is valid. The manifest is written last, so a job
     that has one is complete in the store.
     """
+    spec = checked_model(spec)
     with tempfile.TemporaryDirectory(prefix="batchinfer-submit-") as scratch:
         if isinstance(source, pa.Table):
             path = Path(scratch) / "input.parquet"
@@ -69,7 +71,7 @@ def submit_job(store: Store, source: str | Path | pa.Table, spec: JobSpec,
     """
     if spec.idempotency_key is None:
         job_id, shards = create_job(store, source, spec)
-        enqueue(job_id, shards)
+        _enqueue_or_fail(store, job_id, shards, enqueue)
         return job_id, True
     index_key = keys.idempotency_key(spec.idempotency_key)
     deadline = time.monotonic() + IDEMPOTENCY_WAIT_SECONDS
@@ -85,7 +87,11 @@ def submit_job(store: Store, source: str | Path | pa.Table, spec: JobSpec,
             except BaseException:
                 store.delete(index_key)  # the key is free again for a corrected input
                 raise
-            enqueue(job_id, shards)
+            try:
+                _enqueue_or_fail(store, job_id, shards, enqueue)
+            except ServiceUnavailable:
+                store.delete(index_key)  # the same submit may run again once it is back
+                raise
             put_json(store, index_key, {**claim, "queued": True})
             return job_id, True
         job_id = index["job_id"]
@@ -103,6 +109,30 @@ def submit_job(store: Store, source: str | Path | pa.Table, spec: JobSpec,
             raise UserError(f"a job with this idempotency key is still being created "
                             f"(job {job_id}); try again shortly")
         time.sleep(_POLL_SECONDS)
+
+
+def checked_model(spec: JobSpec) -> JobSpec:
+    """spec with its model as workers will find it (a local folder made absolute), refusing
+    at once what would fail every row: chat rows for a model whose tokenizer has no chat
+    template (known here when the model is a folder on this machine)."""
+    spec = dataclasses.replace(spec, model=models.model_for_submit(spec.model))
+    folder = models.local_model_folder(spec.model)
+    if spec.messages_column and folder is not None and not models.has_chat_template(folder):
+        raise UserError(f"model {spec.model!r} has no chat template, so the "
+                        f"{spec.messages_column!r} messages cannot be rendered; give plain "
+                        f"prompts ({setting_name('prompt_column')}) or a chat model")
+    return spec
+
+
+def _enqueue_or_fail(store: Store, job_id: str, shards: list[Shard], enqueue: Enqueue) -> None:
+    """Queue the shards; a job whose shards could not be queued is failed with the reason,
+    not left queued forever."""
+    try:
+        enqueue(job_id, shards)
+    except ServiceUnavailable as error:
+        update_manifest(store, job_id, state="failed", finished_at=utc_now(),
+                        reason=f"its shards could not be queued: {error}")
+        raise
 
 
 def _read(store: Store, key: str) -> dict | None:

@@ -9,8 +9,7 @@ from __future__ import annotations
 from celery import Celery
 
 from jobs import settings
-
-DEFAULT_QUEUE = "batchinfer"
+from jobs.spec import DEFAULT_QUEUE
 
 # Redis redelivers an unacknowledged task after the visibility timeout. Shards are
 # acknowledged only when they finish (acks_late), so this must exceed the longest shard or

@@ -85,7 +85,7 @@ def run_demo(model: str | None = None, rows: int = 300) -> int:
     if status["state"] != "completed":
         print(f"job {status['state']}: {status.get('reason', '')}", file=sys.stderr)
         return 1
-    _show(job.results(), status)
+    _show(job.results(), status, model_path)
     return 0
 
 
@@ -97,7 +97,7 @@ def _worker_alive(worker: subprocess.Popen, home: Path):
     return check
 
 
-def _show(results: pa.Table, status: dict) -> None:
+def _show(results: pa.Table, status: dict, model_path: Path) -> None:
     print("\nfirst results:")
     for row in results.slice(0, 3).to_pylist():
         text = " ".join(row["output"].split())
@@ -112,3 +112,10 @@ def _show(results: pa.Table, status: dict) -> None:
           f"mean batch fill {usage['mean_batch_fill']:.2f}, busy {usage['busy_seconds']:.1f} s")
     print(f"cost: ${usage['cost_usd']:.6f} (${usage['cost_per_million_tokens']:.4f} per 1M tokens "
           f"at BATCHINFER_GPU_HOURLY_USD={settings.gpu_hourly_usd()})")
+    job_id = status["job_id"]
+    print(f"\nThe job is in the embedded store, {settings.store_url()}. From this folder:\n"
+          f"  batchinfer status {job_id}\n"
+          f"  batchinfer results {job_id} -o results.parquet\n"
+          f"  batchinfer errors {job_id}\n"
+          f"Your own file: start a worker (batchinfer worker) in one terminal, then\n"
+          f"  batchinfer submit prompts.parquet --model {model_path} --wait -o out.parquet")

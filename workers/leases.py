@@ -105,6 +105,12 @@ class ShardLeases:
         return {f.decode() if isinstance(f, bytes) else f
                 for f in self.redis.hkeys(LEASES_KEY)}
 
+    def live(self) -> list[dict]:
+        """The leases not expired: the shards some worker is running now."""
+        now = self._now()
+        leases = [json.loads(raw) for raw in self.redis.hvals(LEASES_KEY)]
+        return [lease for lease in leases if lease["expires_at"] > now]
+
     def claim_expired(self) -> list[dict]:
         """The expired leases that this caller won (each is re-armed, so exactly one watchdog
         re-queues it, and again only if the new run also goes silent)."""

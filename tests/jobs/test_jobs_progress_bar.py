@@ -15,12 +15,15 @@ class Clock:
         return self.now
 
 
-def running(*shards: tuple[int, int, int, int]) -> dict:
-    """A running job's status; shards: (index, rows done, rows total, tokens)."""
+def running(*shards: tuple[int, int, int, int], eta: float | None = None) -> dict:
+    """A running job's status as Job.status() gives it; shards: (index, rows done, rows
+    total, tokens)."""
     progress = [{"shard": i, "done": d, "total": t, "tokens": k} for i, d, t, k in shards]
-    return {"state": "running", "counts": {"total_rows": 30},
-            "progress": {"rows_done": sum(s["done"] for s in progress),
-                         "tokens_per_second": 0.0, "shards": progress}}
+    done = sum(s["done"] for s in progress)
+    return {"state": "running",
+            "counts": {"total_rows": 30, "succeeded_rows": done, "failed_rows": 0},
+            "progress": {"rows_done": done, "tokens_per_second": 0.0, "shards": progress,
+                         "eta_seconds": eta}}
 
 
 def test_rate_counts_tokens_reported_since_the_first_poll(capsys):
@@ -41,4 +44,19 @@ def test_rate_counts_tokens_reported_since_the_first_poll(capsys):
     bar.update({"state": "completed", "counts": {"total_rows": 30, "succeeded_rows": 30},
                 "usage": {"tokens_per_second": 812.4}})
     assert "30/30" in (err := capsys.readouterr().err) and "completed, 812 tok/s" in err
+    bar.close()
+
+
+def test_the_bar_is_drawn_once_the_total_is_known_with_an_eta_and_a_notice(capsys):
+    bar = ProgressBar(Clock())
+    assert capsys.readouterr().err == ""  # no stray empty bar before the first status
+    notice = "no worker is consuming queue batchinfer: start one with `batchinfer worker`"
+    bar.update({"state": "queued", "counts": {"total_rows": 30}}, notice)
+    first = capsys.readouterr().err
+    assert "0/30 rows" in first and f"queued: {notice}" in first and "?" not in first
+    bar.update(running((0, 10, 10, 100), eta=125.4))
+    assert "10/30 rows" in (err := capsys.readouterr().err) and "ETA 2:05" in err
+    bar.update({"state": "queued", "counts": {"total_rows": 30}, "retry": {"round": 2},
+                "progress": {"rows_done": 1, "rows_total": 4, "shards": []}})
+    assert "1/4 rows" in (err := capsys.readouterr().err) and "queued (retry round 2)" in err
     bar.close()

@@ -126,7 +126,7 @@ def test_missing_file_and_folder(tmp_path):
 
 BAD_INPUTS = [
     (pa.table({"text": ["a"]}), {},
-     r"input has no column 'prompt' \(columns: text\); name the right one with --prompt-column"),
+     r"input has no column 'prompt' \(columns: text\); name the right one with prompt_column \(--prompt-column\)"),
     (pa.table({"prompt": ["a"]}), {"messages_column": "chat"},
      "input has no column 'chat'.*--messages-column"),
     (pa.table({"prompt": [1, 2]}), {},
@@ -154,7 +154,7 @@ BAD_INPUTS = [
      "column 'stop' \\(per-row stop strings\\) must be string or list<string>, got int64"),
     (pa.table({"prompt": ["a"], "stop": [[3]]}), {}, "column 'stop' .* must be string or list"),
     (pa.table({"prompt": ["a"], "row_index": [0]}), {},
-     "input has a column named 'row_index'.*--id-column row_index"),
+     "input has a column named 'row_index'.*set id_column \\(--id-column\\) to 'row_index'"),
     (pa.table({"prompt": ["a"], "output": ["x"]}), {},
      "input column\\(s\\) output would clash with result columns"),
     (pa.table({"prompt": pa.array([], pa.string())}), {}, "input has no rows"),

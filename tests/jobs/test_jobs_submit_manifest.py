@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import json
 import time
+from datetime import datetime, timedelta, timezone
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from jobs import keys, manifest
+from jobs.client import Client
 from jobs.errors import UserError
-from jobs.progress import read_progress, write_progress
+from jobs.progress import add_live_counts, eta_seconds, read_progress, write_progress
 from jobs.spec import JobSpec, load_spec
 from jobs.store import get_json, open_store
 from jobs.submit import create_job
@@ -133,3 +135,29 @@ def test_progress_adds_up_running_shards(store):
     assert progress["tokens_per_second"] == 50.0
     assert progress["batch_fill"] == pytest.approx(0.5)
     assert [s["shard"] for s in progress["shards"]] == [0, 1, 2]
+
+
+def test_a_running_job_counts_rows_of_its_whole_input_and_shards_as_they_finish(store, tmp_path):
+    """Job.status() of a running job: rows done out of every row of the input (not only of
+    the shards that reported), shards done as their parts land, failed rows, an ETA."""
+    job_id, _ = create_job(store, pa.table({"prompt": [f"p{i}" for i in range(40)]}),
+                           JobSpec(model="m", shard_size=10))
+    manifest.mark_running(store, job_id)
+    write_progress(store, job_id, 0, 10, 10, 500, 100.0, 0.5, failed=2)
+    write_progress(store, job_id, 1, 4, 10, 120, 30.0, 0.4, failed=1)
+    store.put_bytes(keys.result_key(job_id, 0), b"")  # shard 0's part has landed
+    status = Client(store_url=store.url).job(job_id).status()
+    assert status["state"] == "running"
+    assert status["counts"] == {"total_rows": 40, "succeeded_rows": 11, "failed_rows": 3,
+                                "shards_total": 4, "shards_done": 1}
+    assert status["progress"]["eta_seconds"] is not None and status["progress"]["eta_seconds"] >= 0
+
+    started = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    assert eta_seconds(14, 40, started.isoformat(), started + timedelta(seconds=7)) == 13.0
+    assert eta_seconds(0, 40, started.isoformat()) is None
+    # A retry round's progress covers only the rows it runs again: the counts stay.
+    retried = {"job_id": job_id, "retry": {"round": 1},
+               "counts": {"total_rows": 40, "succeeded_rows": 37, "failed_rows": 3}}
+    add_live_counts(store, retried, read_progress(store, job_id))
+    assert retried["counts"] == {"total_rows": 40, "succeeded_rows": 37, "failed_rows": 3,
+                                 "shards_done": 1}

@@ -119,7 +119,7 @@ def test_a_permanent_s3_error_fails_the_shard_with_the_reason(tmp_path, redis_se
     assert took < 60, "a permanent error is not retried for minutes"
     shown = run_cli("status", job.id, env=env | admin | {"BATCHINFER_STORE_URL": store_url})
     assert shown.returncode == 0, shown.stderr
-    assert f"job {job.id} failed" in shown.stderr and "AccessDenied" in shown.stderr
+    assert f"job {job.id} failed" in shown.stdout and "AccessDenied" in shown.stdout
     assert client.store.list(f"jobs/{job.id}/results/") == []
     # The secret keys appear nowhere the job wrote.
     for key in client.store.list(f"jobs/{job.id}/"):
