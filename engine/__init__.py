@@ -1,7 +1,33 @@
-"""batchinfer's inference engine: paged KV cache, continuous batching, Llama-family models."""
+"""batchinfer's inference engine: paged KV cache, continuous batching, Llama-family models.
 
-from engine.llm import LLM
-from engine.outputs import RequestOutput
-from engine.sampling_params import SamplingParams
+The public names are imported on first use (PEP 562), so that the torch-free modules of
+the package (engine.s3) serve layers that must not pull torch in: the jobs store.
+"""
 
-__all__ = ["LLM", "RequestOutput", "SamplingParams"]
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from engine.engine_config import EngineConfig
+    from engine.llm import LLM
+    from engine.outputs import RequestOutput
+    from engine.sampling_params import SamplingParams
+
+__all__ = ["LLM", "EngineConfig", "RequestOutput", "SamplingParams"]
+
+_MODULES = {
+    "LLM": "engine.llm",
+    "EngineConfig": "engine.engine_config",
+    "RequestOutput": "engine.outputs",
+    "SamplingParams": "engine.sampling_params",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _MODULES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_MODULES[name]), name)
+    globals()[name] = value  # found directly from now on
+    return value

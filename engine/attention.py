@@ -12,17 +12,15 @@ the longest: the step lists the (sequence, block) pairs that decode tokens read 
 blocks inside a sliding window), gathers exactly those blocks into a reused buffer, and
 computes scores and weighted values per pair with batched matmuls (grouped-query heads
 share their KV head's block: no widening). The softmax runs over each sequence's pairs
-(segment max and sum with scatter/index_add). Measured on a 2-core AVX512-BF16 CPU, 256
-decodes over ragged contexts of mean 250: about 4x faster per layer than gathering the
-contexts padded to the longest and calling scaled_dot_product_attention (whose CPU kernel
-is slow for one query row and strided K/V), and fresh allocations of the gathered KV
-(page faults on every step) cost more than the copy itself, hence the reused buffer.
+(segment max and sum with scatter/index_add). This beats gathering the contexts padded to
+the longest and calling scaled_dot_product_attention, whose CPU kernel is slow for one
+query row and strided K/V; and fresh allocations of the gathered KV (page faults on every
+step) would cost more than the copy itself, hence the reused buffer.
 
 Where a kernel exists (engine/kernels: C on CPUs, Triton on CUDA), decode tokens go to it
 instead: it reads each sequence's blocks in place from the pool with an online softmax in
-float32, moving only the KV bytes themselves (one layer, 256 decodes over contexts of
-16-512, one AVX2 core: 63 ms float32 / 50 ms bfloat16 against 178 / 482 ms for the gather
-above). The portable path stays for machines without a C compiler or Triton.
+float32, moving only the KV bytes themselves, which is faster again than the gather above.
+The portable path stays for machines without a C compiler or Triton.
 
 Prefill chunks (several queries of one sequence) go to scaled_dot_product_attention, one
 call per chunk: over the chunk's own K/V when nothing is cached before it (no gather),

@@ -17,10 +17,11 @@ from engine.sequence import Sequence
 
 
 class Block:
-    __slots__ = ("block_id", "ref_count", "hash", "token_ids")
+    """One block's bookkeeping; its id is its index in BlockManager.blocks."""
 
-    def __init__(self, block_id: int) -> None:
-        self.block_id = block_id
+    __slots__ = ("ref_count", "hash", "token_ids")
+
+    def __init__(self) -> None:
         self.ref_count = 0
         self.hash: bytes | None = None  # set while registered in the prefix cache
         self.token_ids: tuple[int, ...] = ()  # what the hash stands for, checked on reuse
@@ -35,7 +36,7 @@ class BlockManager:
         self.block_size = block_size
         self.num_blocks = num_blocks
         self.enable_prefix_caching = enable_prefix_caching
-        self.blocks = [Block(i) for i in range(num_blocks)]
+        self.blocks = [Block() for _ in range(num_blocks)]
         # Free blocks in the order they were freed: allocation takes the oldest, so
         # recently freed cached blocks survive longest.
         self.free_ids: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))

@@ -2,9 +2,8 @@
 
 A decode step launches a few hundred small kernels (per layer: norms, projections, rotary
 embedding, the KV write, attention, the MLP). With a large model on a GPU each runs for
-microseconds, and launching them from Python becomes the step's cost (the first H200
-runs were bound by the host, not the GPU). A CUDA graph records one step's launches once
-and replays them with one call.
+microseconds, and launching them from Python becomes the step's cost: the GPU waits on
+the host. A CUDA graph records one step's launches once and replays them with one call.
 
 Graphs are captured for batch sizes 1, 2, 4, 8 and multiples of 16 up to the engine's
 `max_num_seqs`. A step of n decodes replays the smallest bucket that holds n; the rows

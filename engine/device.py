@@ -62,10 +62,10 @@ def cpu_has_bf16() -> bool:
 def cpu_matmul_upcasts(dtype: torch.dtype) -> bool:
     """Whether CPU matmuls in `dtype` should run in float32 over the same values.
 
-    Without bf16/fp16 instructions torch emulates half-precision GEMMs: on an AVX2 EPYC,
-    one thread, [256, 768] x [768, 2048] took 124 ms in bfloat16 and 17 ms converted to
-    float32 and back. The float32 product of half-precision values, rounded once, is what
-    a native half-precision GEMM with float32 accumulation returns.
+    Without bf16/fp16 instructions torch emulates half-precision GEMMs, several times
+    slower than converting to float32 and back. The float32 product of half-precision
+    values, rounded once, is what a native half-precision GEMM with float32 accumulation
+    returns.
     """
     if dtype == torch.bfloat16:
         return not cpu_has_bf16()

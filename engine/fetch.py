@@ -23,7 +23,6 @@ import fnmatch
 import hashlib
 import json
 import logging
-import os
 import re
 import shutil
 import tempfile
@@ -32,6 +31,7 @@ from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 
 from engine.paths import user_cache_dir
+from engine.s3 import s3_client
 
 # The files a model folder needs: config, weights, tokenizer. Never code.
 _MODEL_FILES = ("*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.jinja")
@@ -79,7 +79,7 @@ def _from_s3(uri: str) -> Path:
     prefix = prefix.strip("/")
     if not bucket or not prefix:
         raise ValueError(f"model URI {uri!r}: expected s3://bucket/prefix")
-    client = _s3_client()
+    client = s3_client()
     listing = _list_objects(client, bucket, prefix + "/")
     if not listing:
         raise FileNotFoundError(f"no model files (config, tokenizer, safetensors) under {uri}")
@@ -106,17 +106,6 @@ def _from_s3(uri: str) -> Path:
             shutil.rmtree(staging, ignore_errors=True)
         log.info("fetched %s in %.1f s", uri, time.monotonic() - started)
     return target
-
-
-def _s3_client():
-    import boto3
-    from botocore.config import Config
-
-    endpoint = os.environ.get("AWS_ENDPOINT_URL") or None
-    # MinIO and other S3-compatible servers serve buckets by path, not by virtual host.
-    config = Config(retries={"mode": "standard", "max_attempts": 10},
-                    s3={"addressing_style": "path" if endpoint else "auto"})
-    return boto3.session.Session().client("s3", endpoint_url=endpoint, config=config)
 
 
 def _list_objects(client, bucket: str, prefix: str) -> dict[str, list]:

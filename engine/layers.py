@@ -37,8 +37,7 @@ UPCAST_CHUNK_ELEMENTS = 1 << 21
 
 class _UpcastBuffer(threading.local):
     """A float32 buffer reused by every upcast matmul of a thread: a fresh tensor per call
-    costs page faults (the 32000 x 768 output head: 53 ms to convert afresh, 9 ms into a
-    reused buffer, on an AVX2 EPYC core)."""
+    costs page faults, which take longer than the conversion itself."""
 
     tensor: torch.Tensor | None = None
 
@@ -60,8 +59,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     Weights stay stored in their dtype and are converted a chunk of output features at a
     time into a reused buffer; the result is rounded back to x's dtype, as a native GEMM
     with float32 accumulation would return it. A single row stays in the weight's dtype:
-    there torch's GEMV beats converting the weight (768 x 2048 in bfloat16 on an AVX2
-    EPYC: 0.34 ms vs 0.44-0.8 ms; even at 2 rows).
+    there torch's GEMV beats converting the weight.
     """
     single_row = x.numel() <= x.shape[-1]
     if weight.device.type != "cpu" or single_row or not cpu_matmul_upcasts(weight.dtype):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence as SequenceOf
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -12,6 +13,7 @@ from transformers import AutoTokenizer
 from engine.block_manager import BlockManager
 from engine.config import load_model_config
 from engine.device import auto_kv_cache_bytes, parse_memory_size, resolve_device, resolve_dtype
+from engine.engine_config import EngineConfig
 from engine.fetch import local_model_dir
 from engine.loader import load_model
 from engine.model_runner import ModelRunner, kv_cache_bytes_per_block
@@ -25,6 +27,17 @@ from engine.stopping import IncrementalDetokenizer, check_finished
 
 
 class LLM:
+    """An engine over one model, with vLLM's offline API and a streaming form.
+
+    Public attributes, to read (not to set):
+      engine_config  the EngineConfig it runs with, every value resolved (see there)
+      config         the model's ModelConfig (engine/config.py)
+      tokenizer      the model's own transformers tokenizer
+      model          the CausalLM (engine/model.py)
+      quant_scheme   how its projections are held: a QuantScheme, or None (float weights)
+      device, dtype, quantization, max_model_len: engine_config's, for short
+    """
+
     def __init__(
         self,
         model: str,
@@ -40,60 +53,43 @@ class LLM:
         max_model_len: int | None = None,
         enforce_eager: bool = False,
     ) -> None:
-        """As vLLM's LLM. enforce_eager: never replay decode steps from CUDA graphs
-        (engine/cuda_graphs.py; on CUDA they are captured at start-up by default)."""
-        for name, value in (
-            ("block_size", block_size),
-            ("max_num_seqs", max_num_seqs),
-            ("max_num_batched_tokens", max_num_batched_tokens),
-        ):
-            if not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        model_dir = local_model_dir(str(model))  # a local folder, s3:// or a hub name
-        self.model_path = str(model)
-        self.config = load_model_config(model_dir)
-        # None: as the checkpoint is (GPTQ or float); "int8" / "int4[-gN]": rounded at load.
-        self.quant_scheme = resolve_quantization(quantization, model_dir)
-        self.quantization = None if self.quant_scheme is None else self.quant_scheme.name
-
-        if max_model_len is None:
-            max_model_len = self.config.max_position_embeddings
-        if not 0 < max_model_len <= self.config.max_position_embeddings:
-            raise ValueError(
-                f"max_model_len must be in 1..{self.config.max_position_embeddings} "
-                f"(the model's max_position_embeddings), got {max_model_len}"
-            )
-        self.max_model_len = max_model_len
-        self.device = resolve_device(device)
-        self.dtype = resolve_dtype(dtype, self.device)
-        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        self.model = load_model(
-            self.config, model_dir, self.dtype, self.device, self.quant_scheme
+        """As vLLM's LLM; each setting is described in engine/engine_config.py."""
+        requested = EngineConfig(
+            model=str(model), dtype=dtype, device=device, quantization=quantization,
+            block_size=block_size, max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=max_num_batched_tokens, kv_cache_memory=kv_cache_memory,
+            enable_prefix_caching=enable_prefix_caching, seed=seed,
+            max_model_len=max_model_len, enforce_eager=enforce_eager,
         )
-
-        num_blocks = self._num_kv_blocks(
-            kv_cache_memory, block_size, max_num_seqs, max_num_batched_tokens
-        )
-        self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching)
-        self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens)
-        # A sequence may grow only as long as both the context and the whole pool allow.
-        self._max_seq_len = min(max_model_len, num_blocks * block_size)
-        self.runner = ModelRunner(
-            self.model, num_blocks, block_size, self.dtype, self.device, seed,
-            decode_graphs=self.device.type == "cuda" and not enforce_eager,
-            max_num_seqs=max_num_seqs, max_seq_len=self._max_seq_len,
-        )
-        tokenizer_eos = self.tokenizer.eos_token_id
-        self._eos_token_ids = frozenset(
-            self.config.eos_token_ids + (() if tokenizer_eos is None else (tokenizer_eos,))
-        )
+        loaded = self._load(requested)
+        block_bytes = kv_cache_bytes_per_block(self.model, loaded.block_size, loaded.dtype)
+        num_blocks = self._num_kv_blocks(loaded, block_bytes)
+        self.engine_config = replace(loaded, kv_cache_memory=num_blocks * block_bytes)
+        self._build_pipeline(num_blocks)
         self._requests: dict[str, Sequence] = {}
         self._undelivered: list[RequestOutput] = []  # finished outside step(): aborts
         self._generate_ids = itertools.count()
         self._counters = dict.fromkeys(
-            ("steps", "prompt_tokens", "generated_tokens", "scheduled_tokens", "kv_blocks_peak"),
+            ("steps", "prompt_tokens", "generated_tokens", "scheduled_tokens", "scheduled_seqs",
+             "kv_blocks_peak"),
             0,
         )
+
+    @property
+    def device(self) -> torch.device:
+        return self.engine_config.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.engine_config.dtype
+
+    @property
+    def quantization(self) -> str | None:
+        return self.engine_config.quantization
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine_config.max_model_len
 
     # -- offline API ---------------------------------------------------------------------
 
@@ -178,6 +174,7 @@ class LLM:
                 finished.append(self._finish(seq, reason))
         self._counters["steps"] += 1
         self._counters["scheduled_tokens"] += batch.num_tokens
+        self._counters["scheduled_seqs"] += len(batch.seqs)
         self._counters["generated_tokens"] += len(sampled)
         self._counters["kv_blocks_peak"] = max(
             self._counters["kv_blocks_peak"], self.block_manager.num_used_blocks
@@ -198,14 +195,23 @@ class LLM:
         return len(self._requests) + len(self._undelivered)
 
     def stats(self) -> dict[str, Any]:
-        counters = self._counters
-        budget = self.scheduler.max_num_batched_tokens
+        """Cumulative counters and what they say about the batches so far.
+
+        occupancy (sequences per step / max_num_seqs) and mean_tokens_per_step answer "is
+        the device kept busy"; token_budget_fill (tokens per step / max_num_batched_tokens)
+        is the share of the token budget used, which decode steps never fill (one token per
+        sequence) however full the batch.
+        """
+        counters, config = self._counters, self.engine_config
+        steps = counters["steps"] or 1
         return {
             **counters,
-            "token_budget": budget,
-            "mean_batch_fill": counters["scheduled_tokens"] / (counters["steps"] * budget)
-            if counters["steps"]
-            else 0.0,
+            "max_num_seqs": config.max_num_seqs,
+            "token_budget": config.max_num_batched_tokens,
+            "occupancy": counters["scheduled_seqs"] / (steps * config.max_num_seqs),
+            "mean_tokens_per_step": counters["scheduled_tokens"] / steps,
+            "token_budget_fill": counters["scheduled_tokens"] / (steps * config.max_num_batched_tokens),
+            "mean_batch_fill": counters["scheduled_tokens"] / (steps * config.max_num_batched_tokens),  # TEMP: bench
             "kv_blocks_used": self.block_manager.num_used_blocks,
             "kv_blocks_total": self.block_manager.num_blocks,
             "preemptions": self.scheduler.num_preemptions,
@@ -263,38 +269,83 @@ class LLM:
             cached_tokens=seq.cached_tokens or 0,
         )
 
-    def _num_kv_blocks(
-        self,
-        kv_cache_memory: int | str,
-        block_size: int,
-        max_num_seqs: int,
-        max_num_batched_tokens: int,
-    ) -> int:
-        block_bytes = kv_cache_bytes_per_block(self.model, block_size, self.dtype)
-        if kv_cache_memory == "auto":
-            config = self.config
-            itemsize = self.dtype.itemsize
-            per_token = 4 * config.hidden_size + 3 * config.intermediate_size
-            per_token += 2 * (config.num_heads + 2 * config.num_kv_heads) * config.head_dim
+    def _load(self, requested: EngineConfig) -> EngineConfig:
+        """Fetch the model and load its config, tokenizer and weights; return the settings
+        resolved for them."""
+        model_dir = local_model_dir(requested.model)  # a local folder, s3:// or a hub name
+        self.config = load_model_config(model_dir)
+        self.quant_scheme = resolve_quantization(requested.quantization, model_dir)
+        resolved = self._resolve(requested)
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.model = load_model(
+            self.config, model_dir, resolved.dtype, resolved.device, self.quant_scheme
+        )
+        tokenizer_eos = self.tokenizer.eos_token_id
+        self._eos_token_ids = frozenset(
+            self.config.eos_token_ids + (() if tokenizer_eos is None else (tokenizer_eos,))
+        )
+        return resolved
+
+    def _resolve(self, requested: EngineConfig) -> EngineConfig:
+        """requested, with what the model and the machine decide filled in: all but
+        kv_cache_memory, which is sized once the weights are in place."""
+        context = self.config.max_position_embeddings
+        max_model_len = requested.max_model_len or context
+        if max_model_len > context:
+            raise ValueError(
+                f"max_model_len must be in 1..{context} (the model's max_position_embeddings), "
+                f"got {max_model_len}"
+            )
+        device = resolve_device(requested.device)
+        return replace(
+            requested, device=device, dtype=resolve_dtype(requested.dtype, device),
+            quantization=None if self.quant_scheme is None else self.quant_scheme.name,
+            max_model_len=max_model_len,
+        )
+
+    def _num_kv_blocks(self, config: EngineConfig, block_bytes: int) -> int:
+        """The KV pool's size: kv_cache_memory's bytes, or for "auto" the memory left beside
+        the weights and one step's activations (and no more than max_num_seqs can use)."""
+        if config.kv_cache_memory == "auto":
+            shape = self.config
+            per_token = 4 * shape.hidden_size + 3 * shape.intermediate_size
+            per_token += 2 * (shape.num_heads + 2 * shape.num_kv_heads) * shape.head_dim
             # float32 logits, probabilities, sort order and sampling noise per sequence
-            sampling = 4 * 4 * max_num_seqs * config.vocab_size
-            reserved = max_num_batched_tokens * per_token * itemsize + sampling
+            sampling = 4 * 4 * config.max_num_seqs * shape.vocab_size
+            reserved = config.max_num_batched_tokens * per_token * config.dtype.itemsize
+            reserved += sampling
             # Portable decode attention gathers one layer's K and V blocks of the running
             # sequences into a reused buffer (engine/attention.py Workspace): room for it
             # beside the pool (the CPU kernel reads in place and leaves this spare).
-            gather_fraction = 1.25 / config.num_layers
-            memory = auto_kv_cache_bytes(self.device, reserved, gather_fraction)
+            gather_fraction = 1.25 / shape.num_layers
+            memory = auto_kv_cache_bytes(config.device, reserved, gather_fraction)
             # More than every sequence at full length could use is wasted.
-            blocks_per_seq = -(-self.max_model_len // block_size)
-            num_blocks = min(memory // block_bytes, max_num_seqs * blocks_per_seq)
+            blocks_per_seq = -(-config.max_model_len // config.block_size)
+            num_blocks = min(memory // block_bytes, config.max_num_seqs * blocks_per_seq)
         else:
-            num_blocks = parse_memory_size(kv_cache_memory) // block_bytes
+            num_blocks = parse_memory_size(config.kv_cache_memory) // block_bytes
         if num_blocks < 1:
             raise ValueError(
-                f"kv_cache_memory {kv_cache_memory!r} is too small for one KV block "
+                f"kv_cache_memory {config.kv_cache_memory!r} is too small for one KV block "
                 f"({block_bytes} bytes)"
             )
         return num_blocks
+
+    def _build_pipeline(self, num_blocks: int) -> None:
+        """The KV pool's block manager, the scheduler and the model runner."""
+        config = self.engine_config
+        self.block_manager = BlockManager(
+            num_blocks, config.block_size, config.enable_prefix_caching
+        )
+        self.scheduler = Scheduler(
+            self.block_manager, config.max_num_seqs, config.max_num_batched_tokens
+        )
+        # A sequence may grow only as long as both the context and the whole pool allow.
+        self._max_seq_len = min(config.max_model_len, num_blocks * config.block_size)
+        self.runner = ModelRunner(
+            self.model, config, num_blocks,
+            decode_graphs=config.device.type == "cuda" and not config.enforce_eager,
+        )
 
     def _weight_bytes(self) -> int:
         """Bytes the weights take where they live: packed layers count what they hold."""

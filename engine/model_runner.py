@@ -7,6 +7,7 @@ import torch
 from engine import kernels
 from engine.attention import Workspace, build_attention_metadata
 from engine.cuda_graphs import DecodeGraphs
+from engine.engine_config import EngineConfig
 from engine.model import CausalLM
 from engine.sampler import Sampler
 from engine.scheduler import ScheduledBatch
@@ -21,37 +22,30 @@ def kv_cache_bytes_per_block(model: CausalLM, block_size: int, dtype: torch.dtyp
 
 class ModelRunner:
     def __init__(
-        self,
-        model: CausalLM,
-        num_blocks: int,
-        block_size: int,
-        dtype: torch.dtype,
-        device: torch.device,
-        seed: int,
-        *,
-        decode_graphs: bool,
-        max_num_seqs: int,
-        max_seq_len: int,
+        self, model: CausalLM, config: EngineConfig, num_blocks: int, *, decode_graphs: bool
     ) -> None:
-        """decode_graphs: run decode-only steps of up to max_num_seqs sequences (of up to
-        max_seq_len tokens) through engine.cuda_graphs, where the decode kernel applies
-        (captured on CUDA; on CPUs the same padded steps run eagerly, for tests)."""
+        """config: the engine's resolved settings; num_blocks: the KV pool's size.
+
+        decode_graphs: run decode-only steps (up to max_num_seqs sequences) through
+        engine.cuda_graphs where the decode kernel applies: captured on CUDA; on CPUs the
+        same padded steps run eagerly, for tests."""
         self.model = model
-        self.block_size = block_size
-        self.device = device
-        self.sampler = Sampler(device, seed)
-        self.windows = set(model.config.sliding_windows)
-        config = model.config
+        self.block_size = config.block_size
+        self.device = config.device
+        self.sampler = Sampler(config.device, config.seed)
+        shape = model.config
+        self.windows = set(shape.sliding_windows)
         self.decode_kernel = kernels.paged_decode_supported(
-            device, dtype, config.num_heads, config.num_kv_heads, config.head_dim, block_size
+            config.device, config.dtype, shape.num_heads, shape.num_kv_heads, shape.head_dim,
+            config.block_size,
         )
         use_graphs = decode_graphs and self.decode_kernel
         # Zero-filled: padded reads of never-written slots must be finite (they are masked).
         # Layout [layer, K/V, block, kv_head, offset, head_dim]: see engine/attention.py.
         # With graphs, one more block than the block manager hands out: padding rows' K/V.
         self.kv_cache = torch.zeros(
-            config.num_layers, 2, num_blocks + use_graphs, config.num_kv_heads, block_size,
-            config.head_dim, dtype=dtype, device=device,
+            shape.num_layers, 2, num_blocks + use_graphs, shape.num_kv_heads, config.block_size,
+            shape.head_dim, dtype=config.dtype, device=config.device,
         )
         self.workspace = Workspace()  # attention's gather buffers, shared by all layers
         for layer, cache in zip(model.model.layers, self.kv_cache, strict=True):
@@ -59,10 +53,12 @@ class ModelRunner:
             layer.self_attn.attn.v_cache = cache[1]
         self.graphs: DecodeGraphs | None = None
         if use_graphs:
+            # Block table entries of the longest sequence: its context, or the whole pool.
+            table_width = min(-(-config.max_model_len // config.block_size), num_blocks)
             graphs = DecodeGraphs(
-                model, max_num_seqs, -(-max_seq_len // block_size), num_blocks, device
+                model, config.max_num_seqs, table_width, num_blocks, config.device
             )
-            if device.type != "cuda" or graphs.capture():
+            if config.device.type != "cuda" or graphs.capture():
                 self.graphs = graphs
 
     def run(self, batch: ScheduledBatch) -> dict[Sequence, int]:

@@ -12,9 +12,9 @@ reaches top_p, as a trained model's next-token distribution usually does. Rows w
 nucleus reaches past them (flat distributions, high temperatures) are redone over the
 whole vocabulary, with the same result either way.
 
-256 rows x 32k vocabulary, one AVX2 core, per step: temperature alone 288 -> 25 ms
-(an exponential variate per vocabulary entry, then argmax, was the earlier draw), top-p
-0.9 with a peaked distribution 1,274 -> 65 ms (a full sort was the earlier nucleus).
+Both choices keep sampling cheap at hundreds of rows over a large vocabulary: one variate
+per row (an exponential race, argmax of p / E, would draw one per vocabulary entry), and a
+topk of CANDIDATES tokens (a nucleus found by sorting would sort the whole vocabulary).
 """
 
 from __future__ import annotations
@@ -138,11 +138,11 @@ def _inverse_cdf(weights: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     """Per row of non-negative weights, the index where the running sum first exceeds
     u times the row's total: index i with probability weights[i] / total.
 
-    Over a whole vocabulary a running sum is a slow sequential pass (34 ms for 256 x 32k
-    on one core), so the row is cut into chunks: chunk sums (a vectorized reduction) pick
-    the chunk, a running sum inside that chunk alone picks the index. Zero-weight entries
-    are never chosen, whatever the rounding: the target is clamped into the chosen
-    chunk's range, and the index to the chunk's last positive weight.
+    Over a whole vocabulary a running sum is a slow sequential pass, so the row is cut
+    into chunks: chunk sums (a vectorized reduction) pick the chunk, a running sum inside
+    that chunk alone picks the index. Zero-weight entries are never chosen, whatever the
+    rounding: the target is clamped into the chosen chunk's range, and the index to the
+    chunk's last positive weight.
     """
     num_rows, width = weights.shape
     if width <= _CHUNK:

@@ -41,7 +41,6 @@ class Sequence:
         self.generator = generator  # per-request RNG when a seed is given
         self.detokenizer = detokenizer  # the generated text, decoded after the prompt's
         self.stop_string_text: str | None = None  # the output text when a stop string hit
-        self.finish_reason: str | None = None
 
     @property
     def num_tokens(self) -> int:

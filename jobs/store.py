@@ -9,7 +9,6 @@ a crashed writer left behind.
 
 from __future__ import annotations
 
-import functools
 import io
 import json
 import os
@@ -19,6 +18,7 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from engine.s3 import s3_client
 from jobs.errors import UserError
 
 TEMP_MARK = ".tmp-"
@@ -26,7 +26,6 @@ TEMP_MARK = ".tmp-"
 MULTIPART_BYTES = 8 * 1024 * 1024
 # Enough to make one ranged GET worth its round trip without reading far past a column chunk.
 RANGE_READ_BUFFER_BYTES = 256 * 1024
-S3_MAX_ATTEMPTS = 10
 
 
 class NotFound(KeyError):
@@ -263,40 +262,12 @@ def _is_not_found(error: Exception) -> bool:
 # conditional write to it is in flight (409).
 _LOST_RACE_CODES = ("PreconditionFailed", "ConditionalRequestConflict")
 
-_CREDENTIAL_VARIABLES = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
-                         "AWS_DEFAULT_REGION")
-
-
-@functools.lru_cache(maxsize=8)
-def _s3_client(endpoint: str | None, *environment: str | None):
-    """One client per endpoint and credentials: building one costs a few hundred ms, and
-    a worker opens the store for every task. (boto3 clients are thread-safe.)
-
-    environment: the AWS variables the client was built from, only to key the cache.
-    """
-    import boto3
-    from botocore.config import Config
-
-    # Standard retry mode: throttling, 5xx, refused, dropped and timed-out connections are
-    # tried again with jittered exponential backoff (up to 20 s apart), which rides out an
-    # outage of about a minute; the worker retries whole shards beyond that
-    # (workers/tasks.py). Short connect timeouts notice a dead endpoint quickly.
-    config = Config(
-        retries={"mode": "standard", "max_attempts": S3_MAX_ATTEMPTS},
-        connect_timeout=5,
-        read_timeout=120,
-        # MinIO and moto serve buckets by path, not by virtual host.
-        s3={"addressing_style": "path" if endpoint else "auto"},
-    )
-    return boto3.session.Session().client("s3", endpoint_url=endpoint, config=config)
-
-
 class S3Store(Store):
     """A bucket (and optional prefix) on S3 or an S3-compatible server (MinIO, moto).
 
     The endpoint comes from AWS_ENDPOINT_URL, credentials from the usual AWS variables.
     Transient errors (throttling, 5xx, dropped connections) are retried with exponential
-    backoff by botocore's "standard" retry mode.
+    backoff by botocore's "standard" retry mode (engine/s3.py makes the client).
     """
 
     def __init__(self, bucket: str, prefix: str = "") -> None:
@@ -310,8 +281,7 @@ class S3Store(Store):
         self.prefix = prefix
         self.url = f"s3://{bucket}/{prefix}" if prefix else f"s3://{bucket}"
         # Public so that callers (and tests) can observe requests through client.meta.events.
-        self.client = _s3_client(os.environ.get("AWS_ENDPOINT_URL") or None,
-                                 *(os.environ.get(name) for name in _CREDENTIAL_VARIABLES))
+        self.client = s3_client()
         self._transfer = TransferConfig(multipart_threshold=MULTIPART_BYTES,
                                         multipart_chunksize=MULTIPART_BYTES)
 

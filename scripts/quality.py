@@ -45,7 +45,7 @@ def teacher_forced_logits(llm: LLM, token_ids: list[int]) -> torch.Tensor:
     Needs an engine whose token budget holds the sequence (no chunked prefill) and no
     prefix cache hits (enable_prefix_caching=False), so one step sees every token.
     """
-    if llm.scheduler.max_num_batched_tokens < len(token_ids):
+    if llm.engine_config.max_num_batched_tokens < len(token_ids):
         raise ValueError("the engine's max_num_batched_tokens must hold the whole sequence")
     captured: list[torch.Tensor] = []
     last_layer = llm.model.model.layers[-1]

@@ -7,12 +7,15 @@ costs a reload, which is why fleets route models to queues.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import logging
 import os
 import threading
+from collections.abc import Callable
+from typing import Any, get_args, get_type_hints
 
-from engine import LLM
+from engine import LLM, EngineConfig
 from engine.fetch import local_model_dir
 from engine.quant.gptq import read_quant_config
 
@@ -21,24 +24,52 @@ _lock = threading.Lock()
 _loaded: tuple[str, LLM] | None = None
 
 
-def engine_options() -> dict:
+# EngineConfig fields a worker does not take from its environment: the model comes with
+# each shard; a worker's own seed or max_model_len would make a row's sampled output or its
+# "too long" error depend on which worker ran it; block_size and enable_prefix_caching are
+# the engine's to tune, not a fleet's.
+_NOT_FROM_ENVIRONMENT = frozenset(
+    {"model", "seed", "max_model_len", "block_size", "enable_prefix_caching"}
+)
+
+
+def _flag(value: str) -> bool:
+    words = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
+    if value.strip().lower() not in words:
+        raise ValueError(f"expected 1/0, true/false or yes/no, got {value!r}")
+    return words[value.strip().lower()]
+
+
+def _parser(annotation: object) -> Callable[[str], Any]:
+    """How a setting's variable is read, by the type of its EngineConfig field."""
+    if annotation is bool:
+        return _flag
+    if annotation is int:
+        return int
+    if annotation is str or str in get_args(annotation):
+        return str  # "auto", names and sizes: the engine parses them
+    raise TypeError(f"no parser for an EngineConfig field of type {annotation}")
+
+
+_FIELD_TYPES = get_type_hints(EngineConfig)
+# BATCHINFER_<FIELD> -> (field, parser), e.g. BATCHINFER_MAX_NUM_SEQS -> max_num_seqs, int.
+_VARIABLES = {
+    f"BATCHINFER_{field.name.upper()}": (field.name, _parser(_FIELD_TYPES[field.name]))
+    for field in dataclasses.fields(EngineConfig)
+    if field.name not in _NOT_FROM_ENVIRONMENT
+}
+
+
+def engine_options() -> dict[str, Any]:
     """Engine settings a worker takes from its environment (defaults: the engine's own)."""
-    options: dict = {}
-    for env, key, cast in (
-        ("BATCHINFER_DTYPE", "dtype", str),
-        ("BATCHINFER_DEVICE", "device", str),
-        ("BATCHINFER_QUANTIZATION", "quantization", str),
-        ("BATCHINFER_KV_CACHE_MEMORY", "kv_cache_memory", str),
-        ("BATCHINFER_MAX_NUM_SEQS", "max_num_seqs", int),
-        ("BATCHINFER_MAX_NUM_BATCHED_TOKENS", "max_num_batched_tokens", int),
-        ("BATCHINFER_ENFORCE_EAGER", "enforce_eager", _flag),
-    ):
-        if os.environ.get(env):
-            options[key] = cast(os.environ[env])
-    return options
+    return {
+        name: parse(os.environ[variable])
+        for variable, (name, parse) in _VARIABLES.items()
+        if os.environ.get(variable)
+    }
 
 
-def options_for(model_path: str) -> dict:
+def options_for(model_path: str) -> dict[str, Any]:
     """engine_options() for loading model_path.
 
     A worker's load-time quantization (BATCHINFER_QUANTIZATION=int8, say) is for the float
@@ -51,13 +82,6 @@ def options_for(model_path: str) -> dict:
         log.info("%s is a GPTQ checkpoint: it loads as it is, without the worker's "
                  "load-time quantization %r", model_path, options.pop("quantization"))
     return options
-
-
-def _flag(value: str) -> bool:
-    words = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
-    if value.strip().lower() not in words:
-        raise ValueError(f"expected 1/0, true/false or yes/no, got {value!r}")
-    return words[value.strip().lower()]
 
 
 def get_engine(model_path: str) -> LLM:

@@ -1,7 +1,7 @@
 """The CPU decode kernel (paged_decode.c), compiled on first use with the machine's C compiler.
 
-The C source includes no Python or torch headers: one `cc` call builds a shared library
-in about a second, loaded with ctypes (which releases the GIL while a kernel runs). The
+The C source includes no Python or torch headers, so one `cc` call builds a shared library,
+quick enough for a first use, loaded with ctypes (which releases the GIL while a kernel runs). The
 library is cached under BATCHINFER_KERNEL_CACHE (default ~/.cache/batchinfer/kernels),
 keyed by the source, the compiler and the CPU's feature flags (it is built with
 -march=native). Where no compiler works, `supported` is False and attention uses its

@@ -1,8 +1,8 @@
 /* Paged decode attention for CPUs: one query token per sequence against its KV blocks,
  * read in place from the pool (no gather), with an online softmax in float32.
  *
- * Built and loaded by engine/kernels/__init__.py (plain C, no Python or torch headers, so it
- * compiles in about a second). Layouts, all contiguous:
+ * Built and loaded by engine/kernels/cpu.py (plain C, no Python or torch headers, so it
+ * compiles quickly on first use). Layouts, all contiguous:
  *   q, out        [batch, heads, head_dim]
  *   k/v pool      [num_blocks, kv_heads, block_size, head_dim]
  *   block_tables  [batch, table_width] int64, context_lens [batch] int64 (0: a padding

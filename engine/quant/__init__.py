@@ -2,7 +2,6 @@
 
 from engine.quant.gptq import (
     QuantConfig,
-    dequantize,
     parse_quant_config,
     read_quant_config,
     unpack_gptq,
@@ -14,7 +13,6 @@ __all__ = [
     "QuantConfig",
     "QuantLinear",
     "QuantScheme",
-    "dequantize",
     "load_gptq_linear",
     "parse_quant_config",
     "read_quant_config",

@@ -117,15 +117,10 @@ class GPTQWeight:
     zeros: torch.Tensor  # int32 [n_groups, N], v1 offset already applied
     scales: torch.Tensor  # [n_groups, N], as stored (float16)
     g_idx: torch.Tensor  # int64 [K], group of each input row
-    bits: int
 
     @property
     def in_features(self) -> int:
         return self.q.shape[0]
-
-    @property
-    def out_features(self) -> int:
-        return self.q.shape[1]
 
 
 def unpack_gptq(
@@ -188,11 +183,5 @@ def unpack_gptq(
     zeros = unpack_cols(qzeros, bits)
     if v1_zero_offset:
         zeros = zeros + 1
-    return GPTQWeight(unpack_rows(qweight, bits), zeros, scales, g_idx, bits)
+    return GPTQWeight(unpack_rows(qweight, bits), zeros, scales, g_idx)
 
-
-def dequantize(weight: GPTQWeight) -> torch.Tensor:
-    """Reference float32 W [out, in]. For tests and checks only: it is the full float weight."""
-    g = weight.g_idx
-    w = (weight.q - weight.zeros[g]).float() * weight.scales[g].float()
-    return w.t().contiguous()

@@ -47,9 +47,8 @@ _INT4_KERNEL_GROUP_SIZES = (256, 128, 64, 32)
 # to out_features * 1024 activation-dtype values per call.
 _FALLBACK_CHUNK = 1024
 # torch's CPU int8 op costs about as much per row at 128 rows as at one: from this many
-# rows on, _Int8PerGroup multiplies by its codes in bfloat16 instead (on a 2-core
-# AVX512-BF16 CPU, 768 x 2048 and 2048 x 768 weights: even at 16 rows, 1.3-2.3x faster
-# from 32 on, grouped or not; the op stays ahead for decode-sized batches).
+# rows on, _Int8PerGroup multiplies by its codes in bfloat16 instead, which is faster
+# there, grouped or not; the op stays ahead for decode-sized batches.
 _INT8_OP_MAX_ROWS = 32
 
 
@@ -108,8 +107,8 @@ class _Int8PerGroup:
 
         int8 codes are exact in bfloat16, so this is an ordinary bfloat16 matmul over a
         slice of the codes at a time (at most _FALLBACK_CHUNK inputs: bounded scratch),
-        scaled per output channel after (128 x 768 x 2048, one thread: torch's op 5.4 ms,
-        this 2.5 ms, a bfloat16 matmul 1.9 ms).
+        scaled per output channel after: close to a plain bfloat16 matmul, well ahead of
+        torch's op at these sizes.
         """
         y = torch.zeros(x.shape[0], self.scales.shape[1], device=x.device)
         size = self.group_size
@@ -253,16 +252,16 @@ def _chunk_columns(group_size: int, bits: int) -> int:
 def _pick_kernel(w: _Centered, dtype: torch.dtype, device: torch.device):
     if device.type == "cpu":
         # torch's CPU int8/int4 kernels are vectorized for bfloat16 activations only:
-        # with float32 or float16 they measured 10x (one row) to 70x (256 rows) slower
-        # than dequantizing slices.
+        # with float32 or float16 they are an order of magnitude or more slower than
+        # dequantizing slices.
         if dtype != torch.bfloat16:
             return _DequantChunked(w, dtype, device)
         # The int8 op reads each group's inputs 16 at a time with no tail loop: other
-        # widths crash (torch 2.13, AVX512; seen with stories260K's 172-wide down_proj).
+        # widths (a 172-wide down_proj, say) crash it (torch 2.13, AVX512).
         if w.bits == 8 and w.group_size % 16 == 0 and _has_kernel("_weight_int8pack_mm", device):
             return _Int8PerGroup(w, dtype, device)
-    # torch's CUDA int8 op is not used: on an H200 it took 9.6 ms for 256 x 4096 x 4096
-    # (a bf16 matmul: 19 us; dequantizing slices: 0.3-0.4 ms).
+    # torch's CUDA int8 op is not used: it is far slower than dequantizing slices, let
+    # alone a bfloat16 matmul.
     if w.bits == 4 and _Int4Tinygemm.supports(len(w.qc), w.group_size, dtype, device):
         return _Int4Tinygemm(w, dtype, device)
     return _DequantChunked(w, dtype, device)

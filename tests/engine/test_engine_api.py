@@ -207,8 +207,13 @@ def test_stats(tiny_llama):
     assert stats["prompt_tokens"] == 23 and stats["generated_tokens"] == 8
     # 23 prompt tokens and 3 more decode tokens per request are computed.
     assert stats["scheduled_tokens"] == 23 + 6
-    assert stats["mean_batch_fill"] == pytest.approx(29 / (stats["steps"] * 16))
+    assert stats["token_budget_fill"] == pytest.approx(29 / (stats["steps"] * 16))
     assert stats["token_budget"] == 16
+    # Each request is in every step that runs a chunk of it: the long prompt in two prefill
+    # chunks then three decodes, the short one in one prefill then three decodes.
+    assert stats["scheduled_seqs"] == 5 + 4
+    assert stats["occupancy"] == pytest.approx(9 / (stats["steps"] * 256))
+    assert stats["mean_tokens_per_step"] == pytest.approx(29 / stats["steps"])
     assert stats["kv_blocks_total"] == 2**20 // (2 * 2 * 2 * 16 * 16 * 4)
     assert stats["kv_blocks_used"] == 0 and stats["kv_blocks_peak"] == 3
     assert stats["preemptions"] == 0 and stats["prefix_cache_hit_tokens"] == 0

@@ -33,8 +33,7 @@ def graph_llm(model_dir, device: str) -> LLM:
     )
     if device == "cpu":
         llm.runner = ModelRunner(
-            llm.model, llm.block_manager.num_blocks, 16, llm.dtype, llm.device, seed=0,
-            decode_graphs=True, max_num_seqs=MAX_NUM_SEQS, max_seq_len=llm._max_seq_len,
+            llm.model, llm.engine_config, llm.block_manager.num_blocks, decode_graphs=True
         )
     return llm
 

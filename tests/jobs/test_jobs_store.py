@@ -6,6 +6,8 @@ import contextlib
 import io
 import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import pyarrow as pa
@@ -256,3 +258,24 @@ def test_file_store_write_is_atomic_rename(tmp_path):
     assert (tmp_path / "a/k").read_bytes() == b"new"
     assert (tmp_path / "a/k").stat().st_ino != inode_before
     assert sorted(p.name for p in Path(tmp_path, "a").iterdir()) == ["k"]
+
+
+def test_s3_clients_come_from_one_factory_per_endpoint_and_credentials(s3_store_url,
+                                                                        monkeypatch):
+    """The store and model fetches share engine.s3's client: path addressing for a custom
+    endpoint, standard retries; a change of credentials gets a client of its own."""
+    from engine.s3 import MAX_ATTEMPTS, s3_client
+
+    client = open_store(s3_store_url).client
+    assert client is s3_client() and client is open_store(s3_store_url).client
+    assert client.meta.endpoint_url == os.environ["AWS_ENDPOINT_URL"]
+    assert client.meta.config.s3["addressing_style"] == "path"
+    retries = client.meta.config.retries
+    assert (retries["mode"], retries["total_max_attempts"]) == ("standard", MAX_ATTEMPTS + 1)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "another-key")
+    assert s3_client() is not client
+
+
+def test_the_store_imports_without_torch():
+    subprocess.run([sys.executable, "-c",
+                    "import sys, jobs.store; assert 'torch' not in sys.modules"], check=True)

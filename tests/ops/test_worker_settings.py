@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
-from engine import LLM
+from engine import LLM, EngineConfig
 from workers.engine_cache import engine_options, options_for
 
 
@@ -20,6 +22,17 @@ def test_engine_options_from_the_environment(monkeypatch):
     assert "device" not in options  # unset: the engine's own default
     monkeypatch.setenv("BATCHINFER_ENFORCE_EAGER", "0")
     assert engine_options()["enforce_eager"] is False
+
+
+def test_the_variables_are_the_engine_settings_a_worker_may_choose(monkeypatch):
+    """BATCHINFER_<FIELD> for EngineConfig's fields, less those every worker must share."""
+    for field in dataclasses.fields(EngineConfig):
+        monkeypatch.setenv(f"BATCHINFER_{field.name.upper()}", "1")
+    assert sorted(engine_options()) == [
+        "device", "dtype", "enforce_eager", "kv_cache_memory", "max_num_batched_tokens",
+        "max_num_seqs", "quantization",
+    ]
+    assert engine_options()["kv_cache_memory"] == "1"  # sizes and names: the engine parses
 
 
 def test_a_bad_flag_is_refused_with_its_value(monkeypatch):

@@ -10,9 +10,13 @@ import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import load_file, save_file
+
+if TYPE_CHECKING:
+    from engine.quant.gptq import GPTQWeight
 
 
 def _to_int32(words: torch.Tensor) -> torch.Tensor:
@@ -55,6 +59,13 @@ class FakeGPTQ:
         g = self.g_idx.long()
         w = (self.q - self.zeros[g]).double() * self.scales[g].double()
         return w.t()
+
+
+def dequantize(weight: GPTQWeight) -> torch.Tensor:
+    """float32 W [out, in] of the engine's unpacked layer, by the format's definition."""
+    g = weight.g_idx
+    w = (weight.q - weight.zeros[g]).float() * weight.scales[g].float()
+    return w.t().contiguous()
 
 
 def make_gptq(

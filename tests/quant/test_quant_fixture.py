@@ -9,7 +9,8 @@ import torch
 from safetensors.torch import load_file
 
 from engine.quant import QuantConfig, QuantLinear, load_gptq_linear, read_quant_config
-from engine.quant.gptq import dequantize, unpack_gptq
+from engine.quant.gptq import unpack_gptq
+from tests.quant.gptq_packer import dequantize
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")

@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from engine.quant import QuantConfig, dequantize, parse_quant_config, read_quant_config
+from engine.quant import QuantConfig, parse_quant_config, read_quant_config
 from engine.quant.gptq import unpack_cols, unpack_gptq, unpack_rows
-from tests.quant.gptq_packer import make_gptq, pack_along_cols, pack_along_rows
+from tests.quant.gptq_packer import dequantize, make_gptq, pack_along_cols, pack_along_rows
 
 K, N = 256, 64
 
