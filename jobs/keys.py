@@ -78,6 +78,11 @@ def cancel_key(job_id: str) -> str:
     return job_prefix(job_id) + "cancel.json"
 
 
+def inbox_source_key(job_id: str) -> str:
+    """Beside a job from the inbox: the file version it came from, for its finalizer."""
+    return job_prefix(job_id) + "inbox.json"
+
+
 def results_prefix(job_id: str) -> str:
     return job_prefix(job_id) + "results/"
 

@@ -36,7 +36,8 @@ _NEXT_STATES = {
     "cancelled": {"queued"},
 }
 USAGE_FIELDS = ("prompt_tokens", "completion_tokens", "cached_tokens", "busy_seconds", "cost_usd",
-                "cost_per_million_tokens", "tokens_per_second", "mean_batch_fill")
+                "cost_per_million_tokens", "tokens_per_second", "occupancy",
+                "mean_tokens_per_step")
 
 
 def utc_now() -> str:

@@ -15,13 +15,13 @@ from jobs.store import NotFound, Store, get_json, put_json
 
 
 def write_progress(store: Store, job_id: str, shard_index: int, done: int, total: int,
-                   tokens: int, tokens_per_second: float, batch_fill: float,
+                   tokens: int, tokens_per_second: float, occupancy: float,
                    failed: int = 0) -> None:
     """done: rows finished so far, failed: those of them that failed; tokens: prompt +
     completion tokens of the finished rows."""
     put_json(store, keys.progress_key(job_id, shard_index), {
         "shard": shard_index, "done": done, "failed": failed, "total": total, "tokens": tokens,
-        "tokens_per_second": tokens_per_second, "batch_fill": batch_fill,
+        "tokens_per_second": tokens_per_second, "occupancy": occupancy,
         "updated_at": utc_now(),
     })
 
@@ -30,7 +30,7 @@ def read_progress(store: Store, job_id: str) -> dict[str, Any]:
     """All shards' progress added up.
 
     rows_done / rows_total and tokens count the rows of the shards that have reported so
-    far; tokens_per_second and batch_fill describe the shards still running (sum and mean).
+    far; tokens_per_second and occupancy describe the shards still running (sum and mean).
     """
     shards = []
     for key in store.list(keys.progress_prefix(job_id)):
@@ -47,7 +47,8 @@ def read_progress(store: Store, job_id: str) -> dict[str, Any]:
         "shards_reporting": len(shards),
         "shards_running": len(running),
         "tokens_per_second": sum(s["tokens_per_second"] for s in running),
-        "batch_fill": (sum(s["batch_fill"] for s in running) / len(running)) if running else 0.0,
+        "occupancy": (sum(s.get("occupancy", 0.0) for s in running) / len(running)
+                      if running else 0.0),
         "shards": sorted(shards, key=lambda s: s["shard"]),
     }
 

@@ -26,6 +26,7 @@ from jobs.outcomes import (
     merge_errors,
 )
 from jobs.planner import plan_shards
+from jobs.shard_input import read_shard_rows
 from jobs.spec import ROW_INDEX_COLUMN, input_layout, load_spec
 from jobs.store import Store
 from jobs.tables import read_table
@@ -52,8 +53,6 @@ def _shard_tables(store: Store, job_id: str) -> Iterator[pa.Table]:
 def _in_input_order(store: Store, job_id: str, shard_index: int, table: pa.Table) -> pa.Table:
     """Sort a retried shard's rows by their place in the input (read from the input's id
     column when the job has one; row numbers are their own place)."""
-    from jobs.runner import read_shard_rows
-
     ids = table.column(0).to_pylist()
     spec = load_spec(store, job_id)
     if spec.id_column is None:

@@ -11,21 +11,20 @@ Rows that succeeded are never touched, and invalid rows (no prompt, too long, a 
 override) are not run again: they would fail the same way. Counts and merged results
 take every part into account (jobs/outcomes.py), so no row is lost or counted twice.
 
-The round's plan is created once (`retries/round-rNNN.json`): of two racing retries of
-the same job, one starts the round and the other is told so. The manifest goes back to
-`queued` with `retry: {round, row_shards}`, and the job finalizes when every shard of
-the round is accounted for.
+The round's plan is a claim (`retries/round-rNNN.json`, jobs/claims.py): of two racing
+retries of the same job, one starts the round and the other is told so. The manifest
+goes back to `queued` with `retry: {round, row_shards}`, and the job finalizes when every
+shard of the round is accounted for.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
 from typing import Any
 
 from jobs import keys
+from jobs.claims import claim
 from jobs.errors import UserError
 from jobs.finalize import retry_round
 from jobs.manifest import (
@@ -37,7 +36,7 @@ from jobs.manifest import (
 )
 from jobs.outcomes import list_outcomes, transient_ids
 from jobs.settings import mask_secrets
-from jobs.store import Store, get_json
+from jobs.store import Store
 
 # A round claimed this long ago whose manifest never said so was started by a retry that
 # died before queueing anything: a new retry takes the round over.
@@ -116,12 +115,6 @@ def start_retry(store: Store, job_id: str, enqueue: Enqueue) -> dict[str, Any]:
 
 def _claim_round(store: Store, plan: RetryPlan) -> None:
     key = keys.retry_round_key(plan.job_id, plan.round)
-    record = json.dumps({**asdict(plan), "at": utc_now()}, sort_keys=True).encode()
-    if store.create_once(key, record):
-        return
-    started = get_json(store, key).get("at")
-    age = (datetime.now(timezone.utc) - datetime.fromisoformat(started)).total_seconds()
-    if age < STALE_ROUND_SECONDS:
+    if not claim(store, key, asdict(plan), STALE_ROUND_SECONDS, stamp="at").won:
         raise UserError(f"retry round {plan.round} of job {plan.job_id} has already been "
                         f"started")
-    store.put_bytes(key, record)  # its retry died before queueing anything: take it over

@@ -6,12 +6,7 @@ so its existence means the whole shard is in the store. On cancel nothing is wri
 
 A retry round (attempt N >= 1, see jobs/retry.py) runs only the shard's rows that failed
 for a transient reason, into parts of their own (jobs/outcomes.py says how they count).
-
-Out of memory during an engine step (the batch was too big for the device): every
-request in flight is aborted, the cap on requests in flight is halved and the rows go
-back in; a row that runs out of memory even alone becomes an error row of kind
-"transient" (retry it on a bigger worker, or after lowering the token budget), and after
-MAX_LONE_OOM_ROWS such rows in a row the shard fails with the reason.
+Running out of device memory cuts the batch (jobs/oom_backoff.py).
 """
 
 from __future__ import annotations
@@ -22,6 +17,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from typing import Any
 
@@ -31,9 +27,11 @@ import pyarrow.parquet as pq
 from engine import LLM, RequestOutput, SamplingParams
 from jobs import keys, limits, settings
 from jobs.faults import is_out_of_memory
+from jobs.oom_backoff import OomBackoff
 from jobs.outcomes import ERROR_KIND_COLUMN, INVALID, TRANSIENT, list_outcomes, transient_ids
-from jobs.planner import Shard, plan_shards, row_group_bounds
+from jobs.planner import Shard, plan_shards
 from jobs.progress import write_progress
+from jobs.shard_input import READ_BATCH_ROWS, prompt_text, read_shard_rows, select_rows
 from jobs.spec import (
     ERROR_COLUMN,
     InputLayout,
@@ -44,7 +42,7 @@ from jobs.spec import (
 )
 from jobs.store import Store
 from jobs.tables import count_rows, put_table
-from jobs.usage import batch_fill, make_usage_record, write_usage
+from jobs.usage import BatchFigures, make_usage_record, write_usage
 
 log = logging.getLogger(__name__)
 
@@ -54,10 +52,6 @@ CANCEL_CHECK_SECONDS = 1.0
 # Requests handed to the engine ahead of its running batch, per sequence slot: enough to
 # refill the batch as sequences finish, few enough to keep memory bounded.
 IN_FLIGHT_PER_SEQ_SLOT = 2
-READ_BATCH_ROWS = 1024
-# A shard gives up when this many rows in a row ran out of memory even alone: the engine
-# cannot run anything on this worker, and the failure should say so.
-MAX_LONE_OOM_ROWS = 3
 # Numbers every shard run in this process, for its request ids: a cancelled run's aborted
 # requests come out of the engine's next step(), which may be the first step of a rerun of
 # the same shard on the same engine (a retry after a cancel). Were the ids the same, those
@@ -67,23 +61,39 @@ _RUN_NUMBERS = itertools.count()
 ProgressCallback = Callable[[int, int, float, float], None]
 
 
-class ShardOutOfMemory(RuntimeError):
-    """The engine ran out of memory even with one request in flight, row after row."""
+@dataclass
+class ShardSummary:
+    """What became of one run of a shard (what its task returns, as a dict)."""
+
+    shard: int
+    attempt: int = 0
+    rows: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    skipped: bool = False  # its part existed already: nothing ran
+    cancelled: bool = False  # the job was cancelled: nothing was written
+    oom_retries: int = 0  # times the batch was cut because memory ran out
+    error: str | None = None  # its outcome could not even be recorded in the store
+
+    @property
+    def tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "tokens": self.tokens}
 
 
 def run_shard(store: Store, job_id: str, shard_index: int, llm: LLM, *, attempt: int = 0,
               worker: str = "", on_progress: ProgressCallback | None = None,
-              should_cancel: Callable[[], bool] | None = None) -> dict[str, Any]:
-    """Run shard shard_index of job job_id through llm; returns a summary.
+              should_cancel: Callable[[], bool] | None = None) -> ShardSummary:
+    """Run shard shard_index of job job_id through llm.
 
     attempt 0 runs the whole shard; attempt N >= 1 (retry round N) runs again only its rows
-    that failed for a transient reason in earlier attempts.
-
-    Summary: shard, attempt, rows, succeeded, failed, prompt_tokens, completion_tokens,
-    tokens, skipped (already done), cancelled (should_cancel said stop; nothing was
-    written), oom_retries (times the batch was cut because memory ran out).
-    on_progress(done, total, tokens_per_second, batch_fill) is called about every
-    PROGRESS_SECONDS, when the shard's progress object is rewritten.
+    that failed for a transient reason in earlier attempts. on_progress(done, total,
+    tokens_per_second, occupancy) is called about every PROGRESS_SECONDS, when the
+    shard's progress object is rewritten.
     """
     if store.exists(keys.result_key(job_id, shard_index, attempt)):
         return _already_done(store, job_id, shard_index, attempt)
@@ -105,88 +115,22 @@ def run_shard(store: Store, job_id: str, shard_index: int, llm: LLM, *, attempt:
         rows = read_shard_rows(parquet, shard)
     row_numbers = pa.array(range(shard.row_start, shard.row_end), pa.int64())
     if retry_ids is not None:
-        rows, row_numbers = _select_rows(rows, row_numbers, layout, retry_ids)
+        rows, row_numbers = select_rows(rows, row_numbers, layout, retry_ids)
 
     run = _ShardRun(store, job_id, shard, attempt, llm, spec, layout, rows, row_numbers,
                     on_progress, should_cancel)
     if not run.generate():
-        return _summary(shard_index, attempt, rows=rows.num_rows, cancelled=True,
-                        oom_retries=run.oom_retries)
+        return ShardSummary(shard_index, attempt, rows=rows.num_rows, cancelled=True,
+                            oom_retries=run.backoff.retries)
     return run.write(worker)
 
 
-def _select_rows(rows: pa.Table, row_numbers: pa.Array, layout: InputLayout,
-                 ids: list) -> tuple[pa.Table, pa.Array]:
-    """The rows (and their file row numbers) whose result id is in ids."""
-    values = (rows.column(layout.id_column) if layout.id_column is not None
-              else row_numbers).to_pylist()
-    wanted = set(ids)
-    mask = pa.array([value in wanted for value in values], pa.bool_())
-    return rows.filter(mask), row_numbers.filter(mask)
-
-
-def read_shard_rows(parquet: pq.ParquetFile, shard: Shard) -> pa.Table:
-    """The shard's rows, reading only the row groups that hold them, in batches."""
-    bounds = row_group_bounds(parquet.metadata)
-    groups = [i for i, (start, end) in enumerate(bounds)
-              if start < shard.row_end and end > shard.row_start]
-    position = bounds[groups[0]][0]  # file row of the next batch's first row
-    pieces = []
-    for batch in parquet.iter_batches(batch_size=READ_BATCH_ROWS, row_groups=groups):
-        first = max(shard.row_start - position, 0)
-        last = min(shard.row_end - position, batch.num_rows)
-        if last > first:
-            pieces.append(batch.slice(first, last - first))
-        position += batch.num_rows
-        if position >= shard.row_end:
-            break
-    return pa.Table.from_batches(pieces, schema=parquet.schema_arrow)
-
-
-def _summary(shard: int, attempt: int = 0, *, rows: int, succeeded: int = 0, failed: int = 0,
-             prompt_tokens: int = 0, completion_tokens: int = 0, skipped: bool = False,
-             cancelled: bool = False, oom_retries: int = 0) -> dict[str, Any]:
-    return {"shard": shard, "attempt": attempt, "rows": rows, "succeeded": succeeded,
-            "failed": failed, "prompt_tokens": prompt_tokens,
-            "completion_tokens": completion_tokens, "tokens": prompt_tokens + completion_tokens,
-            "skipped": skipped, "cancelled": cancelled, "oom_retries": oom_retries}
-
-
-def _already_done(store: Store, job_id: str, shard_index: int, attempt: int) -> dict[str, Any]:
+def _already_done(store: Store, job_id: str, shard_index: int, attempt: int) -> ShardSummary:
     succeeded = count_rows(store, keys.result_key(job_id, shard_index, attempt))
     error_key = keys.error_key(job_id, shard_index, attempt)
     failed = count_rows(store, error_key) if store.exists(error_key) else 0
-    return _summary(shard_index, attempt, rows=succeeded + failed, succeeded=succeeded,
-                    failed=failed, skipped=True)
-
-
-def _check_length(chars: int, limit: int) -> None:
-    if chars > limit:
-        raise ValueError(f"prompt has {chars} characters, more than the limit of {limit} "
-                         f"(BATCHINFER_MAX_PROMPT_CHARS)")
-
-
-def _prompt_text(value: Any, layout: InputLayout, llm: LLM, max_chars: int) -> str:
-    """The prompt for one row's text or messages value; ValueError says why there is none.
-
-    The length limit is checked before tokenizing: a huge prompt costs nothing to refuse."""
-    if not layout.is_messages:
-        if value is None:
-            raise ValueError("prompt is null")
-        if not value:
-            raise ValueError("prompt is empty")
-        _check_length(len(value), max_chars)
-        return value
-    if not value:
-        raise ValueError("messages are null or empty")
-    for number, message in enumerate(value):
-        if message is None or not message.get("role") or message.get("content") is None:
-            raise ValueError(f"message {number} has no role or no content")
-    _check_length(sum(len(m["content"]) for m in value), max_chars)
-    try:
-        return llm.tokenizer.apply_chat_template(value, tokenize=False, add_generation_prompt=True)
-    except Exception as error:  # the template is the model's code: any failure is this row's
-        raise ValueError(f"chat template failed: {error}") from None
+    return ShardSummary(shard_index, attempt, rows=succeeded + failed, succeeded=succeeded,
+                        failed=failed, skipped=True)
 
 
 class _ShardRun:
@@ -203,7 +147,7 @@ class _ShardRun:
         self.outputs: dict[int, RequestOutput] = {}  # by position in self.rows
         self.errors: dict[int, tuple[str, str]] = {}  # position -> (reason, kind)
         self.tokens_done = 0
-        self.oom_retries = 0
+        self.backoff = OomBackoff(IN_FLIGHT_PER_SEQ_SLOT * llm.engine_config.max_num_seqs)
         self.max_chars = limits.max_prompt_chars()
         self.request_prefix = f"{job_id}-{shard.index:05d}-{attempt}-{next(_RUN_NUMBERS)}"
         # Set when generate() starts and ends.
@@ -227,7 +171,7 @@ class _ShardRun:
     def _prepare(self, text: Any, overrides: dict[str, Any]
                  ) -> tuple[str | None, SamplingParams | None, str | None]:
         try:
-            prompt = _prompt_text(text, self.layout, self.llm, self.max_chars)
+            prompt = prompt_text(text, self.layout, self.llm.tokenizer, self.max_chars)
         except ValueError as error:
             return None, None, str(error)
         try:
@@ -237,11 +181,7 @@ class _ShardRun:
 
     def generate(self) -> bool:
         """Stream the rows through the engine; False if cancelled (in-flight rows aborted)."""
-        llm = self.llm
-        limit = IN_FLIGHT_PER_SEQ_SLOT * llm.scheduler.max_num_seqs
-        cap = limit  # lowered when a step runs out of memory
-        first_oom_cap: int | None = None
-        lone_oom_rows = 0
+        llm, backoff = self.llm, self.backoff
         requests = self._requests()
         # Rows taken back from the engine after it ran out of memory, to add again first.
         pending: list[tuple[int, str, SamplingParams]] = []
@@ -257,7 +197,7 @@ class _ShardRun:
         self._report_progress()
         try:
             while True:
-                while len(in_flight) < cap and (pending or more_rows):
+                while len(in_flight) < backoff.cap and (pending or more_rows):
                     if pending:
                         position, prompt, params = pending.pop(0)
                         error = None
@@ -286,47 +226,17 @@ class _ShardRun:
                     last_cancel_check = now
                     if self._cancel_requested():
                         return False
-                try:
-                    finished = llm.step()
-                except Exception as error:
-                    if not is_out_of_memory(error):
-                        raise
-                    reason = f"out of memory: {type(error).__name__}: {error}"
-                    del error  # its traceback holds the step's tensors
-                    taken_back = self._take_back(in_flight, prepared)
-                    self.oom_retries += 1
-                    if len(taken_back) > 1:
-                        first_oom_cap = first_oom_cap or len(taken_back)
-                        cap = max(1, min(cap, len(taken_back)) // 2)
-                        log.warning("shard %s: %s; %d requests were in flight, now at most %d",
-                                    self.shard.index, reason, len(taken_back), cap)
-                        pending = taken_back + pending
-                        continue
-                    # Out of memory alone: this row cannot run here. Let the others go on.
-                    position = taken_back[0][0]
-                    lone_oom_rows += 1
-                    log.warning("shard %s: row %d %s, even alone", self.shard.index,
-                                position, reason)
-                    if lone_oom_rows >= MAX_LONE_OOM_ROWS:
-                        raise ShardOutOfMemory(
-                            f"{lone_oom_rows} rows in a row ran out of memory even alone "
-                            f"(last: {reason}); lower BATCHINFER_MAX_NUM_BATCHED_TOKENS or "
-                            f"BATCHINFER_KV_CACHE_MEMORY, or use a bigger device") from None
-                    self.errors[position] = (f"{reason} (even alone)", TRANSIENT)
-                    cap = max(1, (first_oom_cap or limit) // 2)
+                finished, oom_reason = self._step()
+                if oom_reason is not None:
+                    pending = self._back_off(oom_reason, in_flight, prepared) + pending
                     continue
                 for output in finished:
                     position = in_flight.pop(output.request_id, None)
                     if position is None:
                         continue  # a request left over from an earlier, aborted try
                     prepared.pop(position, None)
-                    lone_oom_rows = 0
-                    if output.finish_reason in ("stop", "length"):
-                        self.outputs[position] = output
-                        self.tokens_done += output.prompt_tokens + output.completion_tokens
-                    else:  # the engine failed on this row at run time: worth another try
-                        self.errors[position] = (output.error or f"request {output.finish_reason}",
-                                                 TRANSIENT)
+                    backoff.row_finished()
+                    self._collect(position, output)
                 if time.monotonic() - last_progress >= PROGRESS_SECONDS:
                     last_progress = time.monotonic()
                     self._report_progress()
@@ -338,6 +248,41 @@ class _ShardRun:
         self.finished_at = datetime.now(timezone.utc)
         self._report_progress()
         return True
+
+    def _step(self) -> tuple[list[RequestOutput], str | None]:
+        """One engine step: (finished outputs, None), or ([], why) if memory ran out."""
+        try:
+            return self.llm.step(), None
+        except Exception as error:
+            if not is_out_of_memory(error):
+                raise
+            # Only the text leaves this frame: the error's traceback holds the step's tensors.
+            return [], f"out of memory: {type(error).__name__}: {error}"
+
+    def _back_off(self, reason: str, in_flight: dict[str, int],
+                  prepared: dict[int, tuple[str, SamplingParams]]
+                  ) -> list[tuple[int, str, SamplingParams]]:
+        """After running out of memory: the requests to add again (at a lower cap), or, for
+        one that ran out alone, an error row and none."""
+        taken_back = self._take_back(in_flight, prepared)
+        if len(taken_back) > 1:
+            cap = self.backoff.batch_ran_out(len(taken_back))
+            log.warning("shard %s: %s; %d requests were in flight, now at most %d",
+                        self.shard.index, reason, len(taken_back), cap)
+            return taken_back
+        position = taken_back[0][0]
+        log.warning("shard %s: row %d %s, even alone", self.shard.index, position, reason)
+        self.backoff.row_ran_out_alone(reason)
+        self.errors[position] = (f"{reason} (even alone)", TRANSIENT)
+        return []
+
+    def _collect(self, position: int, output: RequestOutput) -> None:
+        if output.finish_reason in ("stop", "length"):
+            self.outputs[position] = output
+            self.tokens_done += output.prompt_tokens + output.completion_tokens
+        else:  # the engine failed on this row at run time: worth another try
+            self.errors[position] = (output.error or f"request {output.finish_reason}",
+                                     TRANSIENT)
 
     def _take_back(self, in_flight: dict[str, int],
                    prepared: dict[int, tuple[str, SamplingParams]]
@@ -366,16 +311,17 @@ class _ShardRun:
         """Write the shard's progress; progress is advice, so a failure only logs."""
         elapsed = time.monotonic() - self.start
         tokens_per_second = self.tokens_done / elapsed if elapsed > 0 else 0.0
-        fill = batch_fill(self.stats_before, self.llm.stats())
+        occupancy = BatchFigures.between(self.stats_before, self.llm.stats()).occupancy
         done = len(self.outputs) + len(self.errors)
         try:
             write_progress(self.store, self.job_id, self.shard.index, done, self.rows.num_rows,
-                           self.tokens_done, tokens_per_second, fill, failed=len(self.errors))
+                           self.tokens_done, tokens_per_second, occupancy,
+                           failed=len(self.errors))
         except Exception as error:
             log.warning("shard %s: progress not written: %s", self.shard.index,
                         settings.mask_secrets(str(error)))
         if self.on_progress is not None:
-            self.on_progress(done, self.rows.num_rows, tokens_per_second, fill)
+            self.on_progress(done, self.rows.num_rows, tokens_per_second, occupancy)
 
     def _take(self, column: str, positions: list[int]) -> pa.ChunkedArray:
         # Typed indices: an empty Python list would be a null-typed array `take` refuses.
@@ -386,7 +332,7 @@ class _ShardRun:
             return self._take(self.layout.id_column, positions)
         return self.row_numbers.take(pa.array(positions, pa.int64()))
 
-    def write(self, worker: str) -> dict[str, Any]:
+    def write(self, worker: str) -> ShardSummary:
         """Write errors, usage, then results (last: its existence marks the attempt done)."""
         store, job_id, index, attempt = self.store, self.job_id, self.shard.index, self.attempt
         id_column = self.layout.result_id_column
@@ -416,7 +362,7 @@ class _ShardRun:
             cached_tokens=sum(o.cached_tokens for o in outputs),
             started_at=self.started_at, finished_at=self.finished_at,
             busy_seconds=self.busy_seconds,
-            mean_batch_fill=batch_fill(self.stats_before, stats),
+            batch=BatchFigures.between(self.stats_before, stats),
             hourly_usd=settings.gpu_hourly_usd(), weight_bytes=stats.get("weight_bytes")),
             attempt=attempt)
 
@@ -431,9 +377,10 @@ class _ShardRun:
             cached_tokens=pa.array([o.cached_tokens for o in outputs], pa.int64()),
         )
         put_table(store, keys.result_key(job_id, index, attempt), pa.table(columns))
-        return _summary(index, attempt, rows=self.rows.num_rows, succeeded=len(positions),
-                        failed=len(error_positions), prompt_tokens=prompt_tokens,
-                        completion_tokens=completion_tokens, oom_retries=self.oom_retries)
+        return ShardSummary(index, attempt, rows=self.rows.num_rows, succeeded=len(positions),
+                            failed=len(error_positions), prompt_tokens=prompt_tokens,
+                            completion_tokens=completion_tokens,
+                            oom_retries=self.backoff.retries)
 
 
 def _release_device_memory(llm: LLM) -> None:

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import MISSING, dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -34,23 +35,33 @@ DEFAULT_QUEUE = "batchinfer"
 _ID_BATCH_ROWS = 64 * 1024
 
 
+def _option(default: Any, help: str, parse: Callable[[str], Any] = str) -> Any:
+    """A spec field that a submit sets: the CLI flag, the inbox's BATCHINFER_INBOX_<NAME>
+    variable and the Python client's keyword all come from it (spec_options())."""
+    return field(default=default, metadata={"help": help, "parse": parse})
+
+
 @dataclass
 class JobSpec:
     """What a job runs: the model, where the prompts are, sampling defaults, shard size."""
 
-    model: str
-    prompt_column: str = "prompt"
-    messages_column: str | None = None  # when set, rows are chats and prompt_column is unused
-    id_column: str | None = None
-    max_tokens: int = 256
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = -1
-    seed: int | None = None
-    stop: list[str] | None = None
-    shard_size: int = 1000
-    queue: str | None = None
-    idempotency_key: str | None = None
+    model: str = field(metadata={"help": "model name from BATCHINFER_MODELS, or a local "
+                                         "Hugging Face folder", "parse": str})
+    prompt_column: str = _option("prompt", "text column")
+    # When set, rows are chats and prompt_column is unused.
+    messages_column: str | None = _option(
+        None, "column of chat messages (list of {role, content}), rendered with the model's "
+              "chat template")
+    id_column: str | None = _option(None, "unique row id column (default: the row index)")
+    max_tokens: int = _option(256, "tokens to generate per row", int)
+    temperature: float = _option(0.0, "sampling temperature, 0 = greedy", float)
+    top_p: float = _option(1.0, "nucleus sampling", float)
+    top_k: int = _option(-1, "top-k sampling, -1 = off", int)
+    seed: int | None = _option(None, "sampling seed, per row (reproducible outputs)", int)
+    stop: list[str] | None = _option(None, "stop string (repeatable)")
+    shard_size: int = _option(1000, "rows per shard", int)
+    queue: str | None = _option(None, "Celery queue for this job's shards (route by model)")
+    idempotency_key: str | None = _option(None, "a key already used returns the existing job")
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -96,10 +107,30 @@ class JobSpec:
         return cls(**values)
 
 
-def setting_name(field: str) -> str:
+@dataclass(frozen=True)
+class SpecOption:
+    """One setting of a submit, as the CLI, the inbox and the client name it."""
+
+    name: str
+    default: Any
+    help: str
+    parse: Callable[[str], Any]  # from the text of a flag or an environment variable
+
+    @property
+    def flag(self) -> str:
+        return f"--{self.name.replace('_', '-')}"
+
+
+def spec_options() -> list[SpecOption]:
+    """Every JobSpec field, in order: what `batchinfer submit` takes as flags."""
+    return [SpecOption(f.name, None if f.default is MISSING else f.default, f.metadata["help"],
+                       f.metadata["parse"]) for f in dataclasses.fields(JobSpec)]
+
+
+def setting_name(name: str) -> str:
     """A spec field as both its callers know it: the Python client and inbox specs by the
     field's name, the command line by its flag."""
-    return f"{field} (--{field.replace('_', '-')})"
+    return f"{name} (--{name.replace('_', '-')})"
 
 
 def _check_text(name: str, value: Any) -> None:

@@ -1,16 +1,16 @@
 """Create a job: validate the input, then upload it with the spec and a queued manifest.
 
 With an idempotency key, a key already used gives back the job it made instead of a new
-one. The key's index object, `idempotency/<sha256 of the key>.json`, is created with a
-create-once write, so of any number of racing submits exactly one creates the job and
-the others return it. A submit whose input turns out invalid removes the index, so the
+one. The key's index object, `idempotency/<sha256 of the key>.json`, is a claim
+(jobs/claims.py), so of any number of racing submits exactly one creates the job and
+the others return it; the index of a submit that died before creating its job is taken
+over once it is stale. A submit whose input turns out invalid removes the index, so the
 key can be used again with a corrected file.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import tempfile
 import time
 from collections.abc import Callable
@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from jobs import keys, models
+from jobs.claims import claim
 from jobs.errors import ServiceUnavailable, UserError
 from jobs.manifest import new_manifest, save_manifest, update_manifest, utc_now
 from jobs.planner import Shard, plan_shards
@@ -75,13 +76,17 @@ def submit_job(store: Store, source: str | Path | pa.Table, spec: JobSpec,
         return job_id, True
     index_key = keys.idempotency_key(spec.idempotency_key)
     deadline = time.monotonic() + IDEMPOTENCY_WAIT_SECONDS
+
+    def died_before_creating(index: dict) -> bool:
+        # A job gets its manifest last: without one this long, its submit is gone.
+        return not index.get("queued") and _read(store, keys.manifest_key(index["job_id"])) is None
+
     while True:
-        index = _read(store, index_key)
-        if index is None:
-            job_id = keys.new_job_id()
-            claim = {"job_id": job_id, "claimed_at": utc_now(), "queued": False}
-            if not store.create_once(index_key, json.dumps(claim).encode()):
-                continue  # another submit won the race: take its job
+        index_claim = claim(store, index_key, {"job_id": keys.new_job_id(), "queued": False},
+                            STALE_INDEX_SECONDS, abandoned=died_before_creating)
+        index = index_claim.record
+        job_id = index["job_id"]
+        if index_claim.won:
             try:
                 job_id, shards = create_job(store, source, spec, job_id=job_id)
             except BaseException:
@@ -92,9 +97,8 @@ def submit_job(store: Store, source: str | Path | pa.Table, spec: JobSpec,
             except ServiceUnavailable:
                 store.delete(index_key)  # the same submit may run again once it is back
                 raise
-            put_json(store, index_key, {**claim, "queued": True})
+            put_json(store, index_key, {**index, "queued": True})
             return job_id, True
-        job_id = index["job_id"]
         if index.get("queued"):
             return job_id, False
         manifest = _read(store, keys.manifest_key(job_id))
@@ -102,9 +106,6 @@ def submit_job(store: Store, source: str | Path | pa.Table, spec: JobSpec,
             _requeue(store, job_id, enqueue)  # its submit died after creating it
             put_json(store, index_key, {**index, "queued": True})
             return job_id, False
-        if manifest is None and _age(index["claimed_at"]) > STALE_INDEX_SECONDS:
-            store.delete(index_key)  # its submit died before creating the job
-            continue
         if time.monotonic() > deadline:
             raise UserError(f"a job with this idempotency key is still being created "
                             f"(job {job_id}); try again shortly")

@@ -7,7 +7,11 @@ Conventions used here and in the manifest's usage totals:
 - tokens_per_second = tokens / busy_seconds;
 - cost_usd = busy_seconds / 3600 x the worker's hourly price (BATCHINFER_GPU_HOURLY_USD);
 - cost_per_million_tokens = cost_usd / tokens x 1e6;
-- mean_batch_fill = scheduled tokens / (engine steps x token budget) while the shard ran.
+- occupancy = sequences in each engine step / max_num_seqs, averaged over the steps the
+  shard ran (1.0: every step ran the most sequences the engine allows);
+- mean_tokens_per_step = tokens computed per engine step (prompt chunks + decodes).
+Records written before occupancy existed carry mean_batch_fill (a token-budget share)
+instead; they read with occupancy and mean_tokens_per_step null.
 The date is the UTC day the shard finished.
 """
 
@@ -39,7 +43,8 @@ USAGE_SCHEMA = pa.schema([
     ("finished_at", pa.timestamp("us", tz="UTC")),
     ("busy_seconds", pa.float64()),
     ("tokens_per_second", pa.float64()),
-    ("mean_batch_fill", pa.float64()),
+    ("occupancy", pa.float64()),
+    ("mean_tokens_per_step", pa.float64()),
     ("cost_usd", pa.float64()),
     ("cost_per_million_tokens", pa.float64()),
     ("weight_bytes", pa.int64()),  # the engine's stats()["weight_bytes"]; null if not known
@@ -62,24 +67,34 @@ class UsageRecord:
     finished_at: datetime
     busy_seconds: float
     tokens_per_second: float
-    mean_batch_fill: float
+    occupancy: float | None  # None in records written before it was measured
+    mean_tokens_per_step: float | None
     cost_usd: float
     cost_per_million_tokens: float
     weight_bytes: int | None = None  # bytes of weights the engine held (packed if quantized)
 
 
-def batch_fill(stats_before: dict[str, Any], stats_after: dict[str, Any]) -> float:
-    """Mean batch fill between two llm.stats() snapshots: scheduled / (steps x budget)."""
-    steps = stats_after["steps"] - stats_before["steps"]
-    scheduled = stats_after["scheduled_tokens"] - stats_before["scheduled_tokens"]
-    budget = stats_after["token_budget"]
-    return scheduled / (steps * budget) if steps > 0 and budget > 0 else 0.0
+@dataclass(frozen=True)
+class BatchFigures:
+    """How full the engine's batches were between two llm.stats() snapshots."""
+
+    occupancy: float  # sequences per step / max_num_seqs
+    mean_tokens_per_step: float
+
+    @classmethod
+    def between(cls, before: dict[str, Any], after: dict[str, Any]) -> BatchFigures:
+        steps = after["steps"] - before["steps"]
+        if steps <= 0:
+            return cls(0.0, 0.0)
+        seqs = after["scheduled_seqs"] - before["scheduled_seqs"]
+        tokens = after["scheduled_tokens"] - before["scheduled_tokens"]
+        return cls(seqs / (steps * after["max_num_seqs"]), tokens / steps)
 
 
 def make_usage_record(*, job_id: str, shard: int, model: str, quantization: str | None,
                       worker: str, device: str, rows: int, prompt_tokens: int,
                       completion_tokens: int, cached_tokens: int, started_at: datetime,
-                      finished_at: datetime, busy_seconds: float, mean_batch_fill: float,
+                      finished_at: datetime, busy_seconds: float, batch: BatchFigures,
                       hourly_usd: float, weight_bytes: int | None = None) -> UsageRecord:
     """A record with the derived fields (throughput, cost) computed as the module says."""
     tokens = prompt_tokens + completion_tokens
@@ -90,7 +105,8 @@ def make_usage_record(*, job_id: str, shard: int, model: str, quantization: str 
         completion_tokens=completion_tokens, cached_tokens=cached_tokens,
         started_at=started_at, finished_at=finished_at, busy_seconds=busy_seconds,
         tokens_per_second=tokens / busy_seconds if busy_seconds > 0 else 0.0,
-        mean_batch_fill=mean_batch_fill, cost_usd=cost,
+        occupancy=batch.occupancy, mean_tokens_per_step=batch.mean_tokens_per_step,
+        cost_usd=cost,
         cost_per_million_tokens=cost / tokens * 1e6 if tokens else 0.0,
         weight_bytes=weight_bytes,
     )
@@ -125,7 +141,7 @@ def job_usage_parts(store: Store, job_id: str, first_day: date,
         for key in store.list(keys.usage_prefix(day, job_id)):
             attempt = keys.part_of_key(key)[1]
             for row in read_table(store, key).to_pylist():
-                record = UsageRecord(**row)
+                record = record_from_row(row)
                 kept = latest.get((record.shard, attempt))
                 if kept is None or record.finished_at > kept.finished_at:
                     latest[(record.shard, attempt)] = record
@@ -133,8 +149,18 @@ def job_usage_parts(store: Store, job_id: str, first_day: date,
     return latest
 
 
+_RECORD_FIELDS = {f.name for f in dataclasses.fields(UsageRecord)}
+
+
+def record_from_row(row: dict[str, Any]) -> UsageRecord:
+    """A record from a Parquet row, also one an older worker wrote (module docstring)."""
+    known = {name: value for name, value in row.items() if name in _RECORD_FIELDS}
+    return UsageRecord(**{"occupancy": None, "mean_tokens_per_step": None, **known})
+
+
 def usage_totals(records: list[UsageRecord]) -> dict[str, float]:
-    """The manifest's usage block: sums, with throughput, fill and cost over the whole job."""
+    """The manifest's usage block: sums, with throughput, batch figures and cost over the
+    whole job."""
     prompt = sum(r.prompt_tokens for r in records)
     completion = sum(r.completion_tokens for r in records)
     busy = sum(r.busy_seconds for r in records)
@@ -148,7 +174,14 @@ def usage_totals(records: list[UsageRecord]) -> dict[str, float]:
         "cost_usd": cost,
         "cost_per_million_tokens": cost / tokens * 1e6 if tokens else 0.0,
         "tokens_per_second": tokens / busy if busy > 0 else 0.0,
-        # Weighted by busy time: a long shard's fill says more about the job than a short one's.
-        "mean_batch_fill": (sum(r.mean_batch_fill * r.busy_seconds for r in records) / busy
-                            if busy > 0 else 0.0),
+        "occupancy": _busy_weighted(records, "occupancy"),
+        "mean_tokens_per_step": _busy_weighted(records, "mean_tokens_per_step"),
     }
+
+
+def _busy_weighted(records: list[UsageRecord], name: str) -> float:
+    """The mean of a batch figure over the records that have it, weighted by busy time: a
+    long shard says more about the job than a short one."""
+    measured = [r for r in records if getattr(r, name) is not None]
+    busy = sum(r.busy_seconds for r in measured)
+    return sum(getattr(r, name) * r.busy_seconds for r in measured) / busy if busy > 0 else 0.0

@@ -8,7 +8,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from jobs.cli import main  # noqa: E402
+from workers.cli import run  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main(["submit", *sys.argv[1:]]))
+    run(["submit", *sys.argv[1:]])

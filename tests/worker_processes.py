@@ -11,6 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from tests.servers import log_tail
+from workers.launcher import celery_worker_argv
 
 
 class WorkerProcess:
@@ -23,12 +24,10 @@ class WorkerProcess:
         self.log_path = log_path
         self.hostname = hostname
         if launcher:
-            command = [sys.executable, "-m", "jobs.cli", "worker", "--gpus", "none",
+            command = [sys.executable, "-m", "workers.cli", "worker", "--gpus", "none",
                        "--hostname", hostname, *extra_args]
         else:
-            command = [sys.executable, "-m", "celery", "-A", "workers.app", "worker", "--pool",
-                       "solo", "--concurrency", "1", "--loglevel", "INFO", "--hostname",
-                       hostname, *extra_args]
+            command = celery_worker_argv("--hostname", hostname, *extra_args)
         with open(log_path, "ab") as log:
             self.proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT,
                                          start_new_session=True)

@@ -22,7 +22,7 @@ from typing import NoReturn
 
 from celery.schedules import crontab
 
-from jobs import nightly, settings
+from jobs import expiry, settings
 from jobs.errors import UserError
 from workers.app import create_app
 from workers.leases import lease_seconds
@@ -66,7 +66,7 @@ def beat_schedule(environ: Mapping[str, str]) -> dict:
             "options": {"queue": NIGHTLY_QUEUE, "expires": expires},
         }
     schedule["expire-jobs"]["kwargs"] = {
-        "retention_days": nightly.retention_days_from_env(environ)}
+        "retention_days": expiry.retention_days_from_env(environ)}
     interval = watchdog_seconds(environ)
     schedule["requeue-expired-shards"] = {
         "task": "batchinfer.ops.requeue_expired_shards",

@@ -17,7 +17,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from jobs import settings
-from jobs.client import Client
+from workers.client import Client
+from workers.launcher import celery_worker_argv
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SHARED_STORIES = REPO_ROOT.parent / "shared" / "models" / "stories260K"
@@ -54,9 +55,7 @@ def demo_model(home: Path) -> Path:
 def start_worker(home: Path, env: dict) -> subprocess.Popen:
     log = open(home / "demo-worker.log", "ab")  # noqa: SIM115 - the worker owns it until stopped
     return subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", "workers.app", "worker", "--pool", "solo",
-         "--concurrency", "1", "--without-mingle", "--without-gossip", "--loglevel", "INFO",
-         "--hostname", "demo-cpu@%h"],
+        celery_worker_argv("--without-mingle", "--without-gossip", "--hostname", "demo-cpu@%h"),
         env=env, stdout=log, stderr=subprocess.STDOUT,
     )
 
@@ -109,7 +108,8 @@ def _show(results: pa.Table, status: dict, model_path: Path) -> None:
     print(f"tokens: {usage['prompt_tokens']} prompt + {usage['completion_tokens']} generated "
           f"({usage['cached_tokens']} prompt tokens from the prefix cache)")
     print(f"speed: {usage['tokens_per_second']:.0f} tokens/s (prompt + generated), "
-          f"mean batch fill {usage['mean_batch_fill']:.2f}, busy {usage['busy_seconds']:.1f} s")
+          f"occupancy {usage['occupancy']:.0%} of the batch's sequences, "
+          f"{usage['mean_tokens_per_step']:.0f} tokens per step, busy {usage['busy_seconds']:.1f} s")
     print(f"cost: ${usage['cost_usd']:.6f} (${usage['cost_per_million_tokens']:.4f} per 1M tokens "
           f"at BATCHINFER_GPU_HOURLY_USD={settings.gpu_hourly_usd()})")
     job_id = status["job_id"]

@@ -41,26 +41,31 @@ def parse_gpus(spec: str | None) -> list[str]:
     return gpus
 
 
+def celery_worker_argv(*extra: str) -> list[str]:
+    """The command line of one worker process: a solo pool (the engine batches inside one
+    task), then extra (hostname, queues, any `celery worker` option)."""
+    return [sys.executable, "-m", "celery", "-A", "workers.app", "worker", "--pool", "solo",
+            "--concurrency", "1", "--loglevel", "INFO", *extra]
+
+
 def worker_commands(gpus: list[str], celery_args: list[str]) -> list[tuple[dict, list[str]]]:
     """(environment changes, argv) for each worker process to start."""
-    base = [sys.executable, "-m", "celery", "-A", "workers.app", "worker", "--pool", "solo",
-            "--concurrency", "1", "--loglevel", "INFO"]
     has_hostname = any(a == "--hostname" or a.startswith(("--hostname=", "-n")) for a in celery_args)
     host = socket.gethostname()
     if not gpus:
         name = [] if has_hostname else ["--hostname", f"cpu@{host}"]
-        return [({}, base + name + celery_args)]
+        return [({}, celery_worker_argv(*name, *celery_args))]
     commands = []
     for gpu in gpus:
         name = [] if has_hostname and len(gpus) == 1 else ["--hostname", f"gpu{gpu}@{host}"]
-        commands.append(({"CUDA_VISIBLE_DEVICES": gpu}, base + name + celery_args))
+        commands.append(({"CUDA_VISIBLE_DEVICES": gpu}, celery_worker_argv(*name, *celery_args)))
     return commands
 
 
 def _watchdog(stop: threading.Event) -> None:
     """Re-queue shards whose worker went silent (any worker host may do it; claims are atomic)."""
-    from workers.dispatch import requeue_expired_shards
     from workers.leases import lease_seconds
+    from workers.watchdog import requeue_expired_shards
 
     while not stop.wait(lease_seconds() / 4):
         try:

@@ -1,17 +1,12 @@
-"""Shard leases in Redis, and the watchdog that re-queues shards whose worker went silent.
+"""Shard leases in Redis: which worker runs which shard, renewed while it runs.
 
 Redis gives an unacknowledged task back only after the broker's visibility timeout, which
 must be longer than the longest shard (else healthy shards would run twice). A worker that
 dies (kill -9, lost machine) would leave its shard stuck for that long. Instead, a running
 shard holds a lease that its worker renews every few seconds; when a lease has not been
-renewed for BATCHINFER_LEASE_SECONDS, the watchdog sends the shard again. The stale
-message, if Redis ever redelivers it, finds the shard's part file and does nothing.
-
-The watchdog runs in every `batchinfer worker` launcher (a thread) and as a beat entry
-(workers/beat.py) served by the nightly queue's worker; any number of them may run, since
-claiming an expired lease is atomic. Each lease names its holder (a random token), so a
-worker that was presumed dead and comes back neither renews nor releases the lease of the
-shard's new run.
+renewed for BATCHINFER_LEASE_SECONDS, the watchdog (workers/watchdog.py) sends the shard
+again. Each lease names its holder (a random token), so a worker that was presumed dead
+and comes back neither renews nor releases the lease of the shard's new run.
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@
 A job is finalized by whichever shard finishes last (it sees every shard accounted for in
 the store), not by a chord callback: a chord waits on each header task's own result, so a
 shard re-queued after its worker died (see workers/leases.py) would never count and the job
-would hang until the broker's visibility timeout redelivered the original message.
+would hang until the broker's visibility timeout redelivered the original message. The
+shard that finalizes a job from the inbox also delivers it to the outbox (jobs/inbox.py).
 
 Logs never carry secrets: failure reasons and tracebacks go through mask_secrets.
 """
@@ -20,11 +21,11 @@ from typing import TypeVar
 from celery import Task
 from celery.exceptions import Reject
 
-from jobs import finalize, manifest, models, runner
+from jobs import finalize, inbox, manifest, models, runner
 from jobs.faults import is_transient
 from jobs.settings import env_number, mask_secrets
 from jobs.spec import load_spec
-from jobs.store import open_store
+from jobs.store import Store, open_store
 from workers.app import DEFAULT_QUEUE, app
 from workers.engine_cache import get_engine
 from workers.leases import ShardLeases, supports_leases
@@ -42,14 +43,14 @@ T = TypeVar("T")
 def _progress_reporter(task: Task, job_id: str, shard_index: int, shards_total: int):
     last_sent = 0.0
 
-    def report(done: int, total: int, tokens_per_second: float, batch_fill: float) -> None:
+    def report(done: int, total: int, tokens_per_second: float, occupancy: float) -> None:
         nonlocal last_sent
         now = time.monotonic()
         if now - last_sent < PROGRESS_EVENT_SECONDS and done < total:
             return
         last_sent = now
         text = (f"job {job_id[:8]} shard {shard_index + 1}/{shards_total}: {done}/{total} rows, "
-                f"{tokens_per_second:.0f} tok/s, fill {batch_fill:.2f}")
+                f"{tokens_per_second:.0f} tok/s, occupancy {occupancy:.0%}")
         try:
             task.send_event("task-progress", result=text)
         except Exception as exc:  # progress must never fail a shard
@@ -110,11 +111,13 @@ def run_shard(self: Task, job_id: str, shard_index: int, shards_total: int, stor
         where += f" (retry round {attempt})"
     try:
         if _patiently(where, lambda: manifest.cancel_requested(store, job_id)):
-            summary = {"shard": shard_index, "attempt": attempt, "cancelled": True}
+            summary = runner.ShardSummary(shard_index, attempt, cancelled=True)
         else:
             with _lease(self, job_id, shard_index, shards_total, store_url, attempt):
                 summary = _run(self, store, job_id, shard_index, shards_total, attempt, where)
-        _patiently(where, lambda: finalize.finalize_if_complete(store, job_id))
+        ended = _patiently(where, lambda: finalize.finalize_if_complete(store, job_id))
+        if ended is not None:
+            _deliver_to_outbox(store, ended, where)
     except Exception as exc:
         reason = mask_secrets(f"{type(exc).__name__}: {exc}")
         if is_transient(exc):  # the store stayed unreachable: let a later run try
@@ -124,13 +127,22 @@ def run_shard(self: Task, job_id: str, shard_index: int, shards_total: int, stor
         # The store refuses even to record the failure (its bucket is gone, say).
         log.error("%s: its outcome could not be recorded in the store: %s\n%s", where,
                   reason, mask_secrets(traceback.format_exc()))
-        return {"shard": shard_index, "attempt": attempt, "error": reason}
-    return summary
+        return runner.ShardSummary(shard_index, attempt, error=reason).to_dict()
+    return summary.to_dict()
 
 
-def _run(task: Task, store, job_id: str, shard_index: int, shards_total: int, attempt: int,
-         where: str) -> dict:
-    def run() -> dict:
+def _deliver_to_outbox(store: Store, job: dict, where: str) -> None:
+    """A job from the inbox reaches outbox/NAME/ as it ends, not at the next inbox scan."""
+    try:
+        inbox.deliver_finished_job(store, job)
+    except Exception as exc:  # the next inbox scan delivers it: no reason to fail the shard
+        log.warning("%s: job %s not delivered to the outbox yet (the next inbox scan will): %s",
+                    where, job["job_id"], mask_secrets(f"{type(exc).__name__}: {exc}"))
+
+
+def _run(task: Task, store: Store, job_id: str, shard_index: int, shards_total: int,
+         attempt: int, where: str) -> runner.ShardSummary:
+    def run() -> runner.ShardSummary:
         spec = load_spec(store, job_id)
         llm = get_engine(models.resolve_model(spec.model))
         manifest.mark_running(store, job_id)
@@ -150,4 +162,4 @@ def _run(task: Task, store, job_id: str, shard_index: int, shards_total: int, at
         log.error("%s failed: %s\n%s", where, reason, mask_secrets(traceback.format_exc()))
         _patiently(where, lambda: finalize.record_shard_failure(
             store, job_id, shard_index, reason, attempt))
-        return {"shard": shard_index, "attempt": attempt, "error": reason}
+        return runner.ShardSummary(shard_index, attempt, error=reason)

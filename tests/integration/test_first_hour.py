@@ -20,12 +20,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from jobs import keys, manifest
-from jobs.client import Client
 from jobs.spec import JobSpec, load_spec
 from jobs.store import open_store
 from jobs.submit import create_job
 from tests.servers import free_port
-from tests.workers import running_workers, worker_env
+from tests.worker_processes import running_workers, worker_env
+from workers.client import Client
 from workers.dispatch import queue_consumers
 
 JOB_TIMEOUT = 300
@@ -39,7 +39,7 @@ def queue() -> str:
 
 def cli(*args: str, cwd: Path | None = None, env: dict | None = None,
         timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "jobs.cli", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "workers.cli", *args], capture_output=True,
                           text=True, cwd=cwd, env=env, timeout=timeout)
 
 
@@ -73,7 +73,7 @@ def test_command_results_go_to_stdout_and_the_embedded_store_is_named(tmp_path, 
     assert status.stderr.strip() == embedded_line
     # `status > file` keeps what status says.
     with open(tmp_path / "status.txt", "w") as out:
-        subprocess.run([sys.executable, "-m", "jobs.cli", "status", job_id], stdout=out,
+        subprocess.run([sys.executable, "-m", "workers.cli", "status", job_id], stdout=out,
                        env=env, check=True, capture_output=False, stderr=subprocess.DEVNULL)
     assert (tmp_path / "status.txt").read_text() == status.stdout
 
@@ -120,7 +120,7 @@ def test_a_queued_job_without_a_worker_says_how_to_start_one(tmp_path, tiny_llam
     env = worker_env(redis_server.url, s3_store_url)
     path = write_prompts(tmp_path / "p.parquet", ["the cat", "a dog"])
     waiting = subprocess.Popen(
-        [sys.executable, "-m", "jobs.cli", "submit", str(path), "--model", str(tiny_llama),
+        [sys.executable, "-m", "workers.cli", "submit", str(path), "--model", str(tiny_llama),
          "--queue", queue, "--wait"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     notice = (f"no worker is consuming queue {queue}: start one with "
               f"`batchinfer worker --queues {queue}`")

@@ -16,8 +16,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from engine import LLM, SamplingParams
-from jobs.client import Client
-from tests.workers import running_workers, worker_env
+from tests.worker_processes import running_workers, worker_env
+from workers.client import Client
 
 JOB_TIMEOUT = 300
 
@@ -165,7 +165,7 @@ def test_unknown_model_fails_the_job_with_the_reason(tmp_path, redis_server, s3_
 
 
 def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "jobs.cli", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "workers.cli", *args], capture_output=True,
                           text=True, env=env, timeout=120)
 
 

@@ -6,6 +6,7 @@ writes them in test_jobs_runner.py.
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import datetime, timedelta, timezone
 
 import pyarrow as pa
@@ -21,8 +22,8 @@ from jobs.store import open_store
 from jobs.submit import create_job
 from jobs.tables import put_table
 from jobs.usage import (
+    BatchFigures,
     UsageRecord,
-    batch_fill,
     make_usage_record,
     read_job_usage,
     usage_totals,
@@ -45,12 +46,12 @@ def three_shard_job(store) -> str:
 
 
 def record(job_id: str, shard: int, *, finished: datetime = NOW, busy: float = 2.0,
-           prompt: int = 30, completion: int = 10, fill: float = 0.5) -> UsageRecord:
+           prompt: int = 30, completion: int = 10, occupancy: float = 0.5) -> UsageRecord:
     return make_usage_record(
         job_id=job_id, shard=shard, model="m", quantization=None, worker="w", device="cpu",
         rows=3, prompt_tokens=prompt, completion_tokens=completion, cached_tokens=4,
         started_at=finished - timedelta(seconds=busy), finished_at=finished, busy_seconds=busy,
-        mean_batch_fill=fill, hourly_usd=1.8)
+        batch=BatchFigures(occupancy, 40 * occupancy), hourly_usd=1.8)
 
 
 def finish_shard(store, job_id: str, shard: int, succeeded: int, failed: int = 0,
@@ -76,20 +77,21 @@ def test_usage_record_derived_fields():
     assert r.cost_per_million_tokens == pytest.approx(r.cost_usd / 40 * 1e6)
     idle = record(keys.new_job_id(), 0, busy=0.0, prompt=0, completion=0)
     assert (idle.tokens_per_second, idle.cost_usd, idle.cost_per_million_tokens) == (0, 0, 0)
-    assert batch_fill({"steps": 10, "scheduled_tokens": 100, "token_budget": 50},
-                      {"steps": 14, "scheduled_tokens": 200, "token_budget": 50}) == 0.5
-    assert batch_fill({"steps": 3, "scheduled_tokens": 9, "token_budget": 50},
-                      {"steps": 3, "scheduled_tokens": 9, "token_budget": 50}) == 0.0
+    before = {"steps": 10, "scheduled_tokens": 100, "scheduled_seqs": 30, "max_num_seqs": 8}
+    after = {"steps": 14, "scheduled_tokens": 200, "scheduled_seqs": 46, "max_num_seqs": 8}
+    assert BatchFigures.between(before, after) == BatchFigures(0.5, 25.0)
+    assert BatchFigures.between(after, after) == BatchFigures(0.0, 0.0)
 
 
-def test_usage_totals_weight_fill_by_busy_time():
+def test_usage_totals_weight_batch_figures_by_busy_time():
     job_id = keys.new_job_id()
-    totals = usage_totals([record(job_id, 0, busy=1.0, fill=0.2),
-                           record(job_id, 1, busy=3.0, fill=0.6)])
+    totals = usage_totals([record(job_id, 0, busy=1.0, occupancy=0.2),
+                           record(job_id, 1, busy=3.0, occupancy=0.6)])
     assert totals["prompt_tokens"] == 60 and totals["completion_tokens"] == 20
     assert totals["cached_tokens"] == 8 and totals["busy_seconds"] == 4.0
     assert totals["tokens_per_second"] == 20.0
-    assert totals["mean_batch_fill"] == pytest.approx(0.5)
+    assert totals["occupancy"] == pytest.approx(0.5)
+    assert totals["mean_tokens_per_step"] == pytest.approx(20.0)
     assert totals["cost_per_million_tokens"] == pytest.approx(totals["cost_usd"] / 80 * 1e6)
     assert usage_totals([])["tokens_per_second"] == 0.0
 
@@ -212,3 +214,18 @@ def test_results_of_a_job_without_any_are_a_user_error(store, tmp_path):
     with pytest.raises(UserError, match="has no results yet"):
         write_results_file(store, job_id, tmp_path / "out.parquet")
     assert not (tmp_path / "out.parquet").exists()
+
+
+def test_usage_records_of_older_workers_read_without_batch_figures(store):
+    """Records written before occupancy existed carry mean_batch_fill: they still read, and
+    the job's figures come from the records that measured them."""
+    job_id = three_shard_job(store)
+    old = {name: value for name, value in dataclasses.asdict(record(job_id, 0)).items()
+           if name not in ("occupancy", "mean_tokens_per_step")}
+    put_table(store, keys.usage_key(NOW.date(), job_id, 0), pa.Table.from_pylist(
+        [{**old, "mean_batch_fill": 0.02}]))
+    write_usage(store, record(job_id, 1, occupancy=0.9))
+    [older, newer] = read_job_usage(store, job_id, NOW.date(), NOW.date())
+    assert (older.occupancy, older.mean_tokens_per_step) == (None, None)
+    assert older.prompt_tokens == 30 and newer.occupancy == 0.9
+    assert usage_totals([older, newer])["occupancy"] == pytest.approx(0.9)

@@ -4,7 +4,7 @@ running; the job's own figure once it ended."""
 
 from __future__ import annotations
 
-from jobs.client import ProgressBar
+from workers.progress_bar import ProgressBar
 
 
 class Clock:

@@ -12,6 +12,7 @@ from jobs import keys, runner
 from jobs.finalize import finalize_job
 from jobs.planner import Shard
 from jobs.results import merge_results
+from jobs.shard_input import read_shard_rows
 from jobs.spec import JobSpec
 from jobs.store import get_json, open_store
 from jobs.submit import create_job
@@ -95,9 +96,9 @@ def test_shards_give_what_the_engine_gives_directly(store, tmp_path, llm, direct
                                   on_progress=lambda *a: progress_calls.append(a))
                  for s in shards]
 
-    assert [s["skipped"] or s["cancelled"] for s in summaries] == [False] * len(shards)
-    assert sum(s["succeeded"] for s in summaries) == 25
-    assert sum(s["failed"] for s in summaries) == 5
+    assert [s.skipped or s.cancelled for s in summaries] == [False] * len(shards)
+    assert sum(s.succeeded for s in summaries) == 25
+    assert sum(s.failed for s in summaries) == 5
     assert progress_calls[0][:2] == (0, 5) and progress_calls[-1][:2] == (5, 5)
 
     results = merge_results(store, job_id)
@@ -149,7 +150,7 @@ def test_shards_give_what_the_engine_gives_directly(store, tmp_path, llm, direct
         if tokens:
             assert record["cost_per_million_tokens"] == pytest.approx(
                 record["cost_usd"] / tokens * 1e6)
-            assert 0 < record["mean_batch_fill"] <= 1
+            assert 0 < record["occupancy"] <= 1 and record["mean_tokens_per_step"] > 0
 
     for shard in shards:
         progress = get_json(store, keys.progress_key(job_id, shard.index))
@@ -171,9 +172,9 @@ def test_a_done_shard_is_not_run_again(file_store_url, tmp_path, llm):
     written = {k: store.etag(k) for k in store.list("")}
     again = runner.run_shard(store, job_id, 0, llm,
                              on_progress=lambda *a: pytest.fail("ran again"))
-    assert again["skipped"] and not first["skipped"]
-    assert (again["succeeded"], again["failed"], again["rows"]) == (
-        first["succeeded"], first["failed"], 10)
+    assert again.skipped and not first.skipped
+    assert (again.succeeded, again.failed, again.rows) == (
+        first.succeeded, first.failed, 10)
     assert {k: store.etag(k) for k in store.list("")} == written
 
 
@@ -184,7 +185,7 @@ def test_a_rerun_after_a_crash_replaces_the_dead_attempts_files(file_store_url, 
     job_id, _ = submit(store, tmp_path, table, row_group_size=6, max_tokens=3)
     put_table(store, keys.error_key(job_id, 0), pa.table({"row_index": [0], "error": ["stale"]}))
     summary = runner.run_shard(store, job_id, 0, llm)
-    assert (summary["succeeded"], summary["failed"]) == (6, 0)
+    assert (summary.succeeded, summary.failed) == (6, 0)
     assert not store.exists(keys.error_key(job_id, 0))
     assert finalize_job(store, job_id)["counts"]["failed_rows"] == 0
 
@@ -241,7 +242,7 @@ def test_cancel_aborts_in_flight_rows_and_writes_nothing(file_store_url, tmp_pat
         return len(asked) == 3
 
     summary = runner.run_shard(store, job_id, 0, llm, should_cancel=cancel_on_third_check)
-    assert summary["cancelled"] and summary["succeeded"] == 0
+    assert summary.cancelled and summary.succeeded == 0
     assert asked[-1] > 0, "rows were in flight when the cancel came"
     assert not store.exists(keys.result_key(job_id, 0))
     assert not store.exists(keys.error_key(job_id, 0))
@@ -251,7 +252,7 @@ def test_cancel_aborts_in_flight_rows_and_writes_nothing(file_store_url, tmp_pat
     assert not llm.has_unfinished_requests()
 
     # The shard runs normally later, unbothered by the aborted requests.
-    assert runner.run_shard(store, job_id, 0, llm)["succeeded"] == 12
+    assert runner.run_shard(store, job_id, 0, llm).succeeded == 12
 
 
 def test_a_rerun_right_after_a_cancel_runs_every_row(file_store_url, tmp_path, tiny_llama,
@@ -271,11 +272,11 @@ def test_a_rerun_right_after_a_cancel_runs_every_row(file_store_url, tmp_path, t
         return len(checks) == 3
 
     assert runner.run_shard(store, job_id, 0, engine,
-                            should_cancel=cancel_on_third_check)["cancelled"]
+                            should_cancel=cancel_on_third_check).cancelled
     assert engine.num_unfinished_requests() == checks[-1] > 0, "aborted rows not handed back yet"
 
     summary = runner.run_shard(store, job_id, 0, engine)
-    assert (summary["succeeded"], summary["failed"]) == (12, 0)
+    assert (summary.succeeded, summary.failed) == (12, 0)
     assert not store.exists(keys.error_key(job_id, 0))
     direct = direct_llm.generate(prompts, SamplingParams(max_tokens=20, temperature=0.0))
     assert merge_results(store, job_id).column("output").to_pylist() == [o.text for o in direct]
@@ -296,7 +297,7 @@ def test_in_flight_requests_stay_bounded(file_store_url, tmp_path, tiny_llama):
     store = open_store(file_store_url)
     table = pa.table({"prompt": [prompt(i) for i in range(20)]})
     job_id, _ = submit(store, tmp_path, table, row_group_size=20, max_tokens=2)
-    assert runner.run_shard(store, job_id, 0, small)["succeeded"] == 20
+    assert runner.run_shard(store, job_id, 0, small).succeeded == 20
     assert small.peak == runner.IN_FLIGHT_PER_SEQ_SLOT * 2
 
 
@@ -324,7 +325,7 @@ def test_a_shard_reads_only_its_row_groups(tmp_path, monkeypatch):
         return original(self, *args, row_groups=row_groups, **kwargs)
 
     monkeypatch.setattr(pq.ParquetFile, "iter_batches", spy)
-    rows = runner.read_shard_rows(pq.ParquetFile(path), Shard(1, 7, 13))
+    rows = read_shard_rows(pq.ParquetFile(path), Shard(1, 7, 13))
     assert rows.column("prompt").to_pylist() == [str(i) for i in range(7, 13)]
     assert requested == [[1, 2]]
 

@@ -11,12 +11,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from jobs import keys, manifest
-from jobs.client import Client
 from jobs.errors import UserError
 from jobs.progress import add_live_counts, eta_seconds, read_progress, write_progress
 from jobs.spec import JobSpec, load_spec
 from jobs.store import get_json, open_store
 from jobs.submit import create_job
+from workers.client import Client
 
 
 @pytest.fixture(params=["file", "s3"])
@@ -133,7 +133,7 @@ def test_progress_adds_up_running_shards(store):
     assert progress["tokens"] == 820
     assert (progress["shards_reporting"], progress["shards_running"]) == (3, 2)
     assert progress["tokens_per_second"] == 50.0
-    assert progress["batch_fill"] == pytest.approx(0.5)
+    assert progress["occupancy"] == pytest.approx(0.5)
     assert [s["shard"] for s in progress["shards"]] == [0, 1, 2]
 
 

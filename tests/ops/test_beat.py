@@ -45,7 +45,7 @@ def beat_env(tmp_path, broker_url: str, **extra: str) -> dict:
 
 def test_beat_refuses_a_bad_schedule_in_one_line(tmp_path, redis_server):
     env = beat_env(tmp_path, redis_server.url, BATCHINFER_SCAN_INBOX_CRON="soon")
-    done = subprocess.run([sys.executable, "-m", "jobs.cli", "beat"], env=env,
+    done = subprocess.run([sys.executable, "-m", "workers.cli", "beat"], env=env,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
     assert done.stderr.strip().count("\n") == 0
@@ -60,7 +60,7 @@ def test_beat_sends_the_scan_on_schedule(tmp_path, redis_server):
                    BATCHINFER_LEASE_SECONDS="3600")
     log = tmp_path / "beat.log"
     with open(log, "wb") as out:
-        beat = subprocess.Popen([sys.executable, "-m", "jobs.cli", "beat"], env=env, stdout=out,
+        beat = subprocess.Popen([sys.executable, "-m", "workers.cli", "beat"], env=env, stdout=out,
                                 stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + 60

@@ -29,7 +29,7 @@ from jobs import manifest
 from jobs.errors import UserError
 from jobs.store import Store, get_json, open_store
 from tests.servers import free_port, log_tail, wait_until
-from tests.workers import running_workers, worker_env
+from tests.worker_processes import running_workers, worker_env
 from workers.app import create_app
 from workers.beat import NIGHTLY_QUEUE
 from workers.flower import TASKS_COLUMNS, flower_environment, is_loopback
@@ -39,7 +39,7 @@ JOB_TIMEOUT = 180
 
 
 def run_cli(*args: str, env: dict) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "jobs.cli", *args], env=env,
+    return subprocess.run([sys.executable, "-m", "workers.cli", *args], env=env,
                           capture_output=True, text=True, timeout=60)
 
 
@@ -143,7 +143,7 @@ def live(redis_server, s3_server, tiny_llama, tmp_path_factory) -> Iterator[Live
     flower_log = workdir / "flower.log"
     with open(flower_log, "wb") as out:
         flower = subprocess.Popen(
-            [sys.executable, "-m", "jobs.cli", "flower", "--port", str(port)],
+            [sys.executable, "-m", "workers.cli", "flower", "--port", str(port)],
             env=env | {"FLOWER_BASIC_AUTH": f"{USER}:{PASSWORD}"}, stdout=out,
             stderr=subprocess.STDOUT, start_new_session=True)
     try:

@@ -1,12 +1,14 @@
 """The nightly inbox scan against real stores (moto S3 over HTTP, a folder) and the test
 Redis: one job per file version however often and however concurrently it runs, specs
-from sidecars or defaults, rejections, retries, stale claims, and delivery to the outbox."""
+from sidecars or defaults, rejections, retries, stale claims, and delivery to the outbox
+(by the scan, and by a real worker's shard task as the job ends)."""
 
 from __future__ import annotations
 
 import io
 import json
 import threading
+import uuid
 from datetime import datetime, timedelta, timezone
 
 import pyarrow as pa
@@ -14,14 +16,17 @@ import pyarrow.parquet as pq
 import pytest
 
 from engine import LLM
-from jobs import keys, manifest, nightly
-from jobs.claims import create_once
-from jobs.client import Client
+from jobs import inbox, keys, manifest
 from jobs.finalize import finalize_job
 from jobs.runner import run_shard
-from jobs.spec import load_spec
+from jobs.spec import ROW_INDEX_COLUMN, load_spec
 from jobs.store import Store, get_json, open_store, put_json
+from tests.servers import wait_until
+from tests.worker_processes import running_workers, worker_env
+from workers.client import Client
 
+# A two-shard job of tiny prompts on a CPU worker, with room for a slow, shared machine.
+JOB_TIMEOUT = 180
 DEFAULTS = {"BATCHINFER_INBOX_MODEL": "default-model", "BATCHINFER_INBOX_MAX_TOKENS": "7"}
 
 
@@ -36,8 +41,8 @@ def job_ids(store: Store) -> list[str]:
 
 
 def marker(store: Store, name: str) -> dict:
-    [key] = [k for k in store.list(nightly.MARKERS_PREFIX) if k.startswith(
-        f"{nightly.MARKERS_PREFIX}{name}.{store.etag(f'inbox/{name}.parquet')}")]
+    [key] = [k for k in store.list(inbox.MARKERS_PREFIX) if k.startswith(
+        f"{inbox.MARKERS_PREFIX}{name}.{store.etag(f'inbox/{name}.parquet')}")]
     return get_json(store, key)
 
 
@@ -58,7 +63,7 @@ def test_each_file_becomes_one_job_with_its_spec(client):
     store.put_bytes("inbox/notes.txt", b"not a prompt file")
     store.put_bytes("inbox/sub/c.parquet", parquet_bytes(1))  # only files directly in inbox/
 
-    outcome = nightly.scan_inbox(store, client.submit, DEFAULTS)
+    outcome = inbox.scan_inbox(store, client.submit, DEFAULTS)
     assert outcome == {"submitted": ["a", "b"], "delivered": [], "rejected": [], "retry": []}
 
     a, b = marker(store, "a"), marker(store, "b")
@@ -73,7 +78,7 @@ def test_each_file_becomes_one_job_with_its_spec(client):
     assert manifest.load_manifest(store, a["job_id"])["counts"]["shards_total"] == 2
 
     # A rerun finds both markers: nothing new.
-    assert nightly.scan_inbox(store, client.submit, DEFAULTS)["submitted"] == []
+    assert inbox.scan_inbox(store, client.submit, DEFAULTS)["submitted"] == []
     assert len(job_ids(store)) == 2
 
 
@@ -89,7 +94,7 @@ def test_concurrent_scans_submit_each_file_once(client):
         # Each scanner has its own client and store connection, as separate workers would.
         own = Client(store_url=client.store_url, broker_url=client.broker_url)
         start.wait()
-        outcomes.append(nightly.scan_inbox(own.store, own.submit, DEFAULTS))
+        outcomes.append(inbox.scan_inbox(own.store, own.submit, DEFAULTS))
 
     threads = [threading.Thread(target=scan) for _ in range(scanners)]
     for thread in threads:
@@ -107,11 +112,11 @@ def test_concurrent_scans_submit_each_file_once(client):
 def test_a_new_version_of_a_file_is_a_new_job(client):
     store = client.store
     store.put_bytes("inbox/daily.parquet", parquet_bytes(2))
-    first = nightly.scan_inbox(store, client.submit, DEFAULTS)
+    first = inbox.scan_inbox(store, client.submit, DEFAULTS)
     store.put_bytes("inbox/daily.parquet", parquet_bytes(5))
-    second = nightly.scan_inbox(store, client.submit, DEFAULTS)
+    second = inbox.scan_inbox(store, client.submit, DEFAULTS)
     assert first["submitted"] == second["submitted"] == ["daily"]
-    assert len(store.list(nightly.MARKERS_PREFIX)) == 2
+    assert len(store.list(inbox.MARKERS_PREFIX)) == 2
     totals = sorted(manifest.load_manifest(store, j)["counts"]["total_rows"]
                     for j in job_ids(store))
     assert totals == [2, 5]
@@ -125,7 +130,7 @@ def test_bad_files_are_rejected_once_with_the_reason(client):
     put_json(store, "inbox/nocolumn.spec.json", {"model": "m"})
     store.put_bytes("inbox/nomodel.parquet", parquet_bytes(2))
 
-    outcome = nightly.scan_inbox(store, client.submit, {})
+    outcome = inbox.scan_inbox(store, client.submit, {})
     assert sorted(outcome["rejected"]) == ["nocolumn", "nomodel", "typo"]
     assert "modle" in marker(store, "typo")["reason"]
     assert "BATCHINFER_INBOX_MODEL" in marker(store, "nomodel")["reason"]
@@ -134,7 +139,7 @@ def test_bad_files_are_rejected_once_with_the_reason(client):
     assert told["source"]["key"] == "inbox/nocolumn.parquet"
     assert job_ids(store) == []
     # Rejected is final for this version of the file: a rerun does not try again.
-    assert nightly.scan_inbox(store, client.submit, DEFAULTS)["submitted"] == []
+    assert inbox.scan_inbox(store, client.submit, DEFAULTS)["submitted"] == []
 
 
 def test_a_failed_submission_is_retried_by_the_next_scan(client):
@@ -144,23 +149,23 @@ def test_a_failed_submission_is_retried_by_the_next_scan(client):
     def broker_down(*args, **kwargs):
         raise ConnectionError("broker unreachable")
 
-    assert nightly.scan_inbox(store, broker_down, DEFAULTS)["retry"] == ["later"]
-    assert store.list(nightly.MARKERS_PREFIX) == []  # the claim was given back
-    assert nightly.scan_inbox(store, client.submit, DEFAULTS)["submitted"] == ["later"]
+    assert inbox.scan_inbox(store, broker_down, DEFAULTS)["retry"] == ["later"]
+    assert store.list(inbox.MARKERS_PREFIX) == []  # the claim was given back
+    assert inbox.scan_inbox(store, client.submit, DEFAULTS)["submitted"] == ["later"]
 
 
 def test_a_stale_claim_is_taken_over_and_a_fresh_one_is_respected(client):
     store = client.store
     for name in ("crashed", "busy"):
         store.put_bytes(f"inbox/{name}.parquet", parquet_bytes(2))
-    long_ago = datetime.now(timezone.utc) - timedelta(seconds=nightly.STALE_CLAIM_SECONDS + 60)
+    long_ago = datetime.now(timezone.utc) - timedelta(seconds=inbox.STALE_CLAIM_SECONDS + 60)
     for name, when in (("crashed", long_ago), ("busy", datetime.now(timezone.utc))):
         etag = store.etag(f"inbox/{name}.parquet")
         claim = {"source": f"inbox/{name}.parquet", "etag": etag, "state": "claimed",
                  "claimed_at": when.isoformat()}
-        put_json(store, f"{nightly.MARKERS_PREFIX}{name}.{etag}.json", claim)
+        put_json(store, f"{inbox.MARKERS_PREFIX}{name}.{etag}.json", claim)
 
-    outcome = nightly.scan_inbox(store, client.submit, DEFAULTS)
+    outcome = inbox.scan_inbox(store, client.submit, DEFAULTS)
     assert outcome["submitted"] == ["crashed"]
     assert marker(store, "busy")["state"] == "claimed"
 
@@ -174,7 +179,7 @@ def test_create_once_has_one_winner(request, store_kind):
 
     def race(i: int) -> None:
         start.wait()
-        wins.append(create_once(store, "claims/x.json", json.dumps({"racer": i}).encode()))
+        wins.append(store.create_once("claims/x.json", json.dumps({"racer": i}).encode()))
 
     threads = [threading.Thread(target=race, args=(i,)) for i in range(racers)]
     for thread in threads:
@@ -196,10 +201,10 @@ def test_finished_jobs_are_delivered_to_the_outbox(redis_server, file_store_url,
     put_json(store, "inbox/stories.spec.json", {"model": str(tiny_llama), "id_column": "id",
                                                 "max_tokens": 3, "shard_size": 3})
     store.put_bytes("outbox/stories/stale.txt", b"left by an earlier version")
-    assert nightly.scan_inbox(store, client.submit)["submitted"] == ["stories"]
+    assert inbox.scan_inbox(store, client.submit)["submitted"] == ["stories"]
     job_id = marker(store, "stories")["job_id"]
     # Not finished yet: nothing to deliver.
-    assert nightly.scan_inbox(store, client.submit)["delivered"] == []
+    assert inbox.scan_inbox(store, client.submit)["delivered"] == []
 
     # Run the job here, as a worker would (the worker's own path is tested with Celery).
     llm = LLM(model=str(tiny_llama), dtype="float32", device="cpu", kv_cache_memory="64MiB")
@@ -207,7 +212,7 @@ def test_finished_jobs_are_delivered_to_the_outbox(redis_server, file_store_url,
         run_shard(store, job_id, shard, llm)
     finalize_job(store, job_id)
 
-    assert nightly.scan_inbox(store, client.submit)["delivered"] == ["stories"]
+    assert inbox.scan_inbox(store, client.submit)["delivered"] == ["stories"]
     assert marker(store, "stories")["state"] == "delivered"
     assert sorted(store.list("outbox/stories/")) == [
         "outbox/stories/errors.parquet", "outbox/stories/manifest.json",
@@ -221,4 +226,61 @@ def test_finished_jobs_are_delivered_to_the_outbox(redis_server, file_store_url,
     assert summary["source"] == {"key": "inbox/stories.parquet",
                                  "etag": store.etag("inbox/stories.parquet")}
     # Delivered once: later scans leave it alone.
-    assert nightly.scan_inbox(store, client.submit)["delivered"] == []
+    assert inbox.scan_inbox(store, client.submit)["delivered"] == []
+
+
+def test_a_job_is_delivered_to_the_outbox_when_it_ends(redis_server, s3_store_url, tiny_llama,
+                                                       tmp_path):
+    """The shard task that finalizes an inbox job delivers it: no scan after the job ends."""
+    client = Client(store_url=s3_store_url, broker_url=redis_server.url)
+    store = client.store
+    queue = f"q-{uuid.uuid4().hex[:10]}"
+    store.put_bytes("inbox/tonight.parquet", parquet_bytes(4))
+    put_json(store, "inbox/tonight.spec.json", {"model": str(tiny_llama), "max_tokens": 3,
+                                                "shard_size": 2, "queue": queue})
+    # No worker yet: the job cannot end during the scan that submits it.
+    assert inbox.scan_inbox(store, client.submit)["submitted"] == ["tonight"]
+    job_id = marker(store, "tonight")["job_id"]
+
+    env = worker_env(redis_server.url, s3_store_url)
+    with running_workers(1, env, tmp_path, ["--queues", queue]):
+        wait_until(lambda: store.exists("outbox/tonight/manifest.json"), JOB_TIMEOUT,
+                   "delivery to the outbox when the job ends")
+
+    assert marker(store, "tonight")["state"] == "delivered"
+    summary = get_json(store, "outbox/tonight/manifest.json")
+    assert (summary["job_id"], summary["state"]) == (job_id, "completed")
+    assert summary["counts"]["succeeded_rows"] == 4
+    assert summary["source"] == {"key": "inbox/tonight.parquet",
+                                 "etag": store.etag("inbox/tonight.parquet")}
+    assert sorted(store.list("outbox/tonight/")) == [
+        "outbox/tonight/manifest.json", "outbox/tonight/results.parquet"]
+    results = pq.read_table(store.open_read("outbox/tonight/results.parquet"))
+    assert results.column(ROW_INDEX_COLUMN).to_pylist() == [0, 1, 2, 3]
+    # The scan, the fallback, finds nothing left to deliver.
+    assert inbox.scan_inbox(store, client.submit)["delivered"] == []
+
+
+def test_the_finalizer_delivers_only_what_the_scan_would(redis_server, file_store_url,
+                                                         tiny_llama):
+    client = Client(store_url=file_store_url, broker_url=redis_server.url)
+    store = client.store
+    for name in ("daily", "weekly"):
+        store.put_bytes(f"inbox/{name}.parquet", parquet_bytes(2))
+        put_json(store, f"inbox/{name}.spec.json", {"model": str(tiny_llama), "max_tokens": 2})
+    assert inbox.scan_inbox(store, client.submit)["submitted"] == ["daily", "weekly"]
+    daily, weekly = marker(store, "daily")["job_id"], marker(store, "weekly")["job_id"]
+    by_hand = client.submit(pa.table({"prompt": ["a b c"]}), model=str(tiny_llama),
+                            max_tokens=2).id
+    llm = LLM(model=str(tiny_llama), dtype="float32", device="cpu", kv_cache_memory="64MiB")
+    for job_id in (daily, weekly, by_hand):
+        run_shard(store, job_id, 0, llm)
+
+    assert not inbox.deliver_finished_job(store, finalize_job(store, by_hand))
+    # A newer version of a file owns its folder: the older version's job leaves it alone.
+    store.put_bytes("inbox/daily.parquet", parquet_bytes(3))
+    assert not inbox.deliver_finished_job(store, finalize_job(store, daily))
+    assert inbox.deliver_finished_job(store, finalize_job(store, weekly))
+    assert store.list_dirs(inbox.OUTBOX_PREFIX) == ["weekly"]
+    # Delivered once: its finalizer running again leaves it alone.
+    assert not inbox.deliver_finished_job(store, finalize_job(store, weekly))

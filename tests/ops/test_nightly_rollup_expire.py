@@ -9,12 +9,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from jobs import cli, keys, manifest, nightly
+from jobs import expiry, keys, manifest, rollup
 from jobs.errors import UserError
 from jobs.spec import JobSpec
 from jobs.store import open_store
 from jobs.submit import create_job
-from jobs.usage import make_usage_record, write_usage
+from jobs.usage import BatchFigures, make_usage_record, write_usage
+from workers import cli
 
 DAY = date(2026, 3, 14)
 
@@ -26,7 +27,8 @@ def record(job_id: str, shard: int, model: str, day: date, *, rows: int, prompt:
         job_id=job_id, shard=shard, model=model, quantization=None, worker="gpu0@host",
         device="cuda:0", rows=rows, prompt_tokens=prompt, completion_tokens=completion,
         cached_tokens=prompt // 2, started_at=finished - timedelta(seconds=busy),
-        finished_at=finished, busy_seconds=busy, mean_batch_fill=0.8, hourly_usd=hourly)
+        finished_at=finished, busy_seconds=busy, batch=BatchFigures(0.8, 200.0),
+        hourly_usd=hourly)
 
 
 def test_rollup_sums_each_models_usage_and_reruns_identically(s3_store_url):
@@ -47,7 +49,7 @@ def test_rollup_sums_each_models_usage_and_reruns_identically(s3_store_url):
     for r in records:
         write_usage(store, r)
 
-    result = nightly.rollup_usage(store, DAY)
+    result = rollup.rollup_usage(store, DAY)
     key = "usage/daily/date=2026-03-14/summary.parquet"
     assert result == {"key": key, "records": 4, "models": 2}
     summary = {row["model"]: row for row in pq.read_table(store.open_read(key)).to_pylist()}
@@ -68,15 +70,15 @@ def test_rollup_sums_each_models_usage_and_reruns_identically(s3_store_url):
     assert (qwen["jobs"], qwen["rows"], qwen["cost_usd"]) == (1, 20, pytest.approx(120 / 3600))
 
     first = store.get_bytes(key)
-    nightly.rollup_usage(store, DAY)
+    rollup.rollup_usage(store, DAY)
     assert store.get_bytes(key) == first
 
 
 def test_a_day_without_usage_gets_an_empty_summary(s3_store_url):
     store = open_store(s3_store_url)
-    assert nightly.rollup_usage(store, DAY)["models"] == 0
-    table = pq.read_table(store.open_read(nightly.summary_key(DAY)))
-    assert table.num_rows == 0 and table.schema == nightly.SUMMARY_SCHEMA
+    assert rollup.rollup_usage(store, DAY)["models"] == 0
+    table = pq.read_table(store.open_read(rollup.summary_key(DAY)))
+    assert table.num_rows == 0 and table.schema == rollup.SUMMARY_SCHEMA
 
 
 def make_job(store, state: str, *, created_days_ago: float, finished_days_ago: float | None):
@@ -100,7 +102,7 @@ def test_expiry_deletes_only_finished_jobs_past_the_retention(s3_store_url):
     kept = [make_job(store, state, created_days_ago=90, finished_days_ago=None)
             for state in ("running", "queued", "validating", "finalizing", "cancelling")]
 
-    expired = nightly.expire_jobs(store, retention_days=30)
+    expired = expiry.expire_jobs(store, retention_days=30)
     assert sorted(expired) == sorted([old_done, old_failed])
     for job_id in expired:
         assert store.list(keys.job_prefix(job_id)) == []
@@ -108,12 +110,12 @@ def test_expiry_deletes_only_finished_jobs_past_the_retention(s3_store_url):
         assert keys.manifest_key(job_id) in store.list(keys.job_prefix(job_id))
         assert keys.result_key(job_id, 0) in store.list(keys.job_prefix(job_id))
     # Nothing left to do on a rerun.
-    assert nightly.expire_jobs(store, retention_days=30) == []
+    assert expiry.expire_jobs(store, retention_days=30) == []
 
 
 def test_expiry_refuses_a_retention_under_one_day(s3_store_url):
     with pytest.raises(UserError, match="at least 1 day"):
-        nightly.expire_jobs(open_store(s3_store_url), retention_days=0)
+        expiry.expire_jobs(open_store(s3_store_url), retention_days=0)
 
 
 def test_nightly_cli_commands(s3_store_url, monkeypatch, capsys):

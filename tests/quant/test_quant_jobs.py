@@ -13,16 +13,16 @@ import pyarrow.parquet as pq
 
 from engine import SamplingParams
 from jobs import runner
-from jobs.client import Client
 from jobs.keys import new_job_id
 from jobs.results import merge_results
 from jobs.spec import JobSpec
 from jobs.store import open_store
 from jobs.submit import create_job
 from jobs.tables import read_table
-from jobs.usage import make_usage_record, read_job_usage, write_usage
+from jobs.usage import BatchFigures, make_usage_record, read_job_usage, write_usage
 from tests.quant.engine_helpers import make_llm
-from tests.workers import running_workers, worker_env
+from tests.worker_processes import running_workers, worker_env
+from workers.client import Client
 
 WORDS = "the cat dog bird ran saw a big red ball in park once upon time".split()
 MAX_TOKENS = 6
@@ -56,7 +56,7 @@ def test_gptq_shards_through_the_runner(gptq_int4_model, file_store_url, tmp_pat
     llm = make_llm(gptq_int4_model, enable_prefix_caching=True)
     for shard in shards:
         summary = runner.run_shard(store, job_id, shard.index, llm, worker="w1")
-        assert summary["succeeded"] == 4 and summary["failed"] == 0
+        assert summary.succeeded == 4 and summary.failed == 0
 
     results = merge_results(store, job_id)
     got = {r["id"]: (r["output"], r["completion_tokens"]) for r in results.to_pylist()}
@@ -76,7 +76,7 @@ def test_usage_record_keeps_weight_bytes(file_store_url):
     job_id = new_job_id()
     fields = dict(job_id=job_id, shard=0, model="m", quantization="int8", worker="w",
                   device="cpu", rows=1, prompt_tokens=3, completion_tokens=4, cached_tokens=0,
-                  started_at=now, finished_at=now, busy_seconds=1.0, mean_batch_fill=0.5,
+                  started_at=now, finished_at=now, busy_seconds=1.0, batch=BatchFigures(0.5, 7.0),
                   hourly_usd=0.0)
     write_usage(store, make_usage_record(**fields, weight_bytes=123456))
     day = now.date()

@@ -15,8 +15,7 @@ import pytest
 import redis
 
 from jobs import keys, runner
-from jobs.client import Client
-from tests.reliability.conftest import (
+from tests.reliability.helpers import (
     assert_exactly_once,
     cli_json,
     prompts_table,
@@ -24,7 +23,8 @@ from tests.reliability.conftest import (
     wait_for,
     write_input,
 )
-from tests.workers import WorkerProcess, running_workers, worker_env
+from tests.worker_processes import WorkerProcess, running_workers, worker_env
+from workers.client import Client
 from workers.leases import LEASES_KEY
 
 

@@ -15,10 +15,10 @@ import pytest
 import redis
 
 from jobs import keys
-from jobs.client import Client
 from jobs.errors import UserError
 from jobs.store import get_json
-from tests.reliability.conftest import prompts_table, write_input
+from tests.reliability.helpers import prompts_table, write_input
+from workers.client import Client
 
 
 @pytest.fixture(params=["s3", "file"])
@@ -30,7 +30,7 @@ def test_racing_submits_with_one_key_make_one_job(tmp_path, redis_server, store_
     path = write_input(tmp_path, prompts_table(30))
     broker = redis.Redis.from_url(redis_server.url)
     env = {"BATCHINFER_STORE_URL": store_url, "BATCHINFER_BROKER_URL": redis_server.url}
-    command = [sys.executable, "-m", "jobs.cli", "submit", str(path), "--model", "m",
+    command = [sys.executable, "-m", "workers.cli", "submit", str(path), "--model", "m",
                "--shard-size", "10", "--queue", queue, "--idempotency-key", "nightly-2024-05-01",
                "--json"]
     procs = [subprocess.Popen(command, env=os.environ | env, stdout=subprocess.PIPE,

@@ -19,7 +19,7 @@ from jobs.outcomes import merge_errors
 from jobs.spec import JobSpec
 from jobs.store import open_store
 from jobs.submit import create_job
-from tests.reliability.conftest import prompts_table, run_cli, write_input
+from tests.reliability.helpers import prompts_table, run_cli, write_input
 
 
 @pytest.mark.parametrize("case", ["bytes", "rows", "max-tokens-default", "max-tokens-env",
@@ -80,7 +80,7 @@ def test_rows_over_the_prompt_limits_are_invalid_rows(file_store_url, tmp_path, 
     llm = LLM(model=str(tiny_llama), dtype="float32", device="cpu", kv_cache_memory="64MiB",
               max_model_len=64)
     summary = runner.run_shard(store, job_id, 0, llm)
-    assert (summary["succeeded"], summary["failed"]) == (2, 4)
+    assert (summary.succeeded, summary.failed) == (2, 4)
     errors = {e["id"]: e for e in merge_errors(store, job_id).to_pylist()}
     assert set(errors) == {"p1", "p2", "p3", "p4"}
     assert {e["error_kind"] for e in errors.values()} == {"invalid"}

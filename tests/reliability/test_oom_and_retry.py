@@ -27,11 +27,11 @@ import pytest
 
 from engine import LLM, SamplingParams
 from jobs import keys
-from jobs.client import Client
 from jobs.outcomes import merge_errors
 from jobs.tables import read_table
-from tests.reliability.conftest import assert_exactly_once, cli_json, write_input
-from tests.workers import running_workers, worker_env
+from tests.reliability.helpers import assert_exactly_once, cli_json, write_input
+from tests.worker_processes import running_workers, worker_env
+from workers.client import Client
 
 WORDS = "the cat dog bird ran saw a big red ball in park once upon time".split()
 # What the limit leaves above the worker's address space once its model is loaded: room

@@ -8,10 +8,10 @@ import time
 
 import pytest
 
-from jobs.client import Client
-from tests.reliability.conftest import assert_exactly_once, prompts_table, wait_for, write_input
+from tests.reliability.helpers import assert_exactly_once, prompts_table, wait_for, write_input
 from tests.servers import RedisServer
-from tests.workers import running_workers, worker_env
+from tests.worker_processes import running_workers, worker_env
+from workers.client import Client
 
 
 @pytest.fixture

@@ -16,8 +16,7 @@ import time
 import boto3
 import pytest
 
-from jobs.client import Client
-from tests.reliability.conftest import (
+from tests.reliability.helpers import (
     assert_exactly_once,
     prompts_table,
     run_cli,
@@ -25,7 +24,8 @@ from tests.reliability.conftest import (
     write_input,
 )
 from tests.servers import MotoS3Server, TcpProxy
-from tests.workers import running_workers, worker_env
+from tests.worker_processes import running_workers, worker_env
+from workers.client import Client
 
 OUTAGE_SECONDS = 5.0
 

@@ -16,15 +16,15 @@ import pytest
 from kombu import Connection, Exchange, Producer
 
 from jobs import keys
-from jobs.client import Client
 from jobs.tables import read_table
-from tests.reliability.conftest import (
+from tests.reliability.helpers import (
     assert_exactly_once,
     prompts_table,
     run_cli,
     wait_for,
     write_input,
 )
+from workers.client import Client
 
 JOB_TIMEOUT = 120
 

@@ -17,11 +17,12 @@ import pytest
 import redis
 
 from jobs import keys
-from tests.reliability.conftest import unacknowledged_shards, wait_for
+from tests.reliability.helpers import unacknowledged_shards, wait_for
 from tests.servers import log_tail
 from workers.beat import NIGHTLY_QUEUE, beat_schedule
-from workers.dispatch import requeue_expired_shards, send_shard
+from workers.dispatch import send_shard
 from workers.leases import LEASES_KEY, ShardLeases
+from workers.watchdog import requeue_expired_shards
 
 
 def test_the_watchdog_entry_follows_the_lease():
@@ -45,7 +46,7 @@ def test_beat_requeues_a_shard_whose_worker_went_silent(tmp_path, secure_stack):
                        "BATCHINFER_LEASE_SECONDS": "2"}
     log = tmp_path / "beat.log"
     with open(log, "wb") as out:
-        beat = subprocess.Popen([sys.executable, "-m", "jobs.cli", "beat"], env=env, stdout=out,
+        beat = subprocess.Popen([sys.executable, "-m", "workers.cli", "beat"], env=env, stdout=out,
                                 stderr=subprocess.STDOUT, start_new_session=True)
     try:
         def beat_alive() -> None:

@@ -13,17 +13,17 @@ import pytest
 import redis
 
 from jobs import keys
-from jobs.client import Client
 from jobs.tables import read_table
-from tests.reliability.conftest import (
+from tests.reliability.helpers import (
     assert_exactly_once,
     prompts_table,
     unacknowledged_shards,
     wait_for,
     write_input,
 )
-from tests.workers import WorkerProcess, worker_env
+from tests.worker_processes import WorkerProcess, worker_env
 from workers.app import VISIBILITY_TIMEOUT_SECONDS
+from workers.client import Client
 from workers.leases import LEASES_KEY
 
 LEASE_SECONDS = 3.0

@@ -1,0 +1,74 @@
+"""A shard's rows read from the job's input, and the prompt each row gives.
+
+Nothing here needs the engine: reading results (which puts a retried shard's rows back in
+input order) reads rows the same way the runner does.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from jobs.planner import Shard, row_group_bounds
+from jobs.spec import InputLayout
+
+READ_BATCH_ROWS = 1024
+
+
+def read_shard_rows(parquet: pq.ParquetFile, shard: Shard) -> pa.Table:
+    """The shard's rows, reading only the row groups that hold them, in batches."""
+    bounds = row_group_bounds(parquet.metadata)
+    groups = [i for i, (start, end) in enumerate(bounds)
+              if start < shard.row_end and end > shard.row_start]
+    position = bounds[groups[0]][0]  # file row of the next batch's first row
+    pieces = []
+    for batch in parquet.iter_batches(batch_size=READ_BATCH_ROWS, row_groups=groups):
+        first = max(shard.row_start - position, 0)
+        last = min(shard.row_end - position, batch.num_rows)
+        if last > first:
+            pieces.append(batch.slice(first, last - first))
+        position += batch.num_rows
+        if position >= shard.row_end:
+            break
+    return pa.Table.from_batches(pieces, schema=parquet.schema_arrow)
+
+
+def select_rows(rows: pa.Table, row_numbers: pa.Array, layout: InputLayout,
+                ids: list) -> tuple[pa.Table, pa.Array]:
+    """The rows (and their file row numbers) whose result id is in ids."""
+    values = (rows.column(layout.id_column) if layout.id_column is not None
+              else row_numbers).to_pylist()
+    wanted = set(ids)
+    mask = pa.array([value in wanted for value in values], pa.bool_())
+    return rows.filter(mask), row_numbers.filter(mask)
+
+
+def _check_length(chars: int, limit: int) -> None:
+    if chars > limit:
+        raise ValueError(f"prompt has {chars} characters, more than the limit of {limit} "
+                         f"(BATCHINFER_MAX_PROMPT_CHARS)")
+
+
+def prompt_text(value: Any, layout: InputLayout, tokenizer: Any, max_chars: int) -> str:
+    """The prompt for one row's text or messages value; ValueError says why there is none.
+
+    The length limit is checked before tokenizing: a huge prompt costs nothing to refuse."""
+    if not layout.is_messages:
+        if value is None:
+            raise ValueError("prompt is null")
+        if not value:
+            raise ValueError("prompt is empty")
+        _check_length(len(value), max_chars)
+        return value
+    if not value:
+        raise ValueError("messages are null or empty")
+    for number, message in enumerate(value):
+        if message is None or not message.get("role") or message.get("content") is None:
+            raise ValueError(f"message {number} has no role or no content")
+    _check_length(sum(len(m["content"]) for m in value), max_chars)
+    try:
+        return tokenizer.apply_chat_template(value, tokenize=False, add_generation_prompt=True)
+    except Exception as error:  # the template is the model's code: any failure is this row's
+        raise ValueError(f"chat template failed: {error}") from None
