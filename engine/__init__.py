@@ -12,14 +12,15 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from engine.engine_config import EngineConfig
     from engine.llm import LLM
-    from engine.outputs import RequestOutput
+    from engine.outputs import FinishReason, RequestOutput
     from engine.sampling_params import SamplingParams
 
-__all__ = ["LLM", "EngineConfig", "RequestOutput", "SamplingParams"]
+__all__ = ["LLM", "EngineConfig", "FinishReason", "RequestOutput", "SamplingParams"]
 
 _MODULES = {
     "LLM": "engine.llm",
     "EngineConfig": "engine.engine_config",
+    "FinishReason": "engine.outputs",
     "RequestOutput": "engine.outputs",
     "SamplingParams": "engine.sampling_params",
 }

@@ -23,7 +23,7 @@ import logging
 
 import torch
 
-from engine.attention import AttentionMetadata, DecodeBatch, Workspace
+from engine.attention_metadata import AttentionMetadata, DecodeBatch, Workspace
 from engine.model import CausalLM
 
 log = logging.getLogger(__name__)

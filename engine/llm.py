@@ -17,7 +17,7 @@ from engine.engine_config import EngineConfig
 from engine.fetch import local_model_dir
 from engine.loader import load_model
 from engine.model_runner import ModelRunner, kv_cache_bytes_per_block
-from engine.outputs import RequestOutput
+from engine.outputs import FinishReason, RequestOutput
 from engine.quant.linear import QuantLinear
 from engine.quant.scheme import resolve_quantization
 from engine.sampling_params import SamplingParams
@@ -185,7 +185,7 @@ class LLM:
         """Stop a request; its output (finish_reason "aborted") comes with the next step()."""
         seq = self._requests.get(request_id)
         if seq is not None:
-            self._undelivered.append(self._finish(seq, "aborted"))
+            self._undelivered.append(self._finish(seq, FinishReason.ABORTED))
 
     def has_unfinished_requests(self) -> bool:
         return self.num_unfinished_requests() > 0
@@ -250,7 +250,7 @@ class LLM:
                 f"({self._max_seq_len} tokens)"
             )
 
-    def _finish(self, seq: Sequence, reason: str) -> RequestOutput:
+    def _finish(self, seq: Sequence, reason: FinishReason) -> RequestOutput:
         self.scheduler.finish(seq)
         del self._requests[seq.request_id]
         text = seq.stop_string_text
@@ -315,7 +315,7 @@ class LLM:
             reserved = config.max_num_batched_tokens * per_token * config.dtype.itemsize
             reserved += sampling
             # Portable decode attention gathers one layer's K and V blocks of the running
-            # sequences into a reused buffer (engine/attention.py Workspace): room for it
+            # sequences into a reused buffer (engine/attention_metadata.py Workspace): room for it
             # beside the pool (the CPU kernel reads in place and leaves this spare).
             gather_fraction = 1.25 / shape.num_layers
             memory = auto_kv_cache_bytes(config.device, reserved, gather_fraction)

@@ -9,7 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from engine.attention import AttentionMetadata, PagedAttention
+from engine.attention import PagedAttention
+from engine.attention_metadata import AttentionMetadata
 from engine.config import ModelConfig
 from engine.layers import RMSNorm, linear, make_linear, silu_and_mul
 from engine.rope import RotaryEmbedding

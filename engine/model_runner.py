@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from engine import kernels
-from engine.attention import Workspace, build_attention_metadata
+from engine.attention_metadata import Workspace, build_attention_metadata
 from engine.cuda_graphs import DecodeGraphs
 from engine.engine_config import EngineConfig
 from engine.model import CausalLM

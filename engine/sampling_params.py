@@ -1,4 +1,7 @@
-"""Per-request decoding settings (the vLLM-style SamplingParams users already know)."""
+"""Per-request decoding settings (the vLLM-style SamplingParams users already know).
+
+Free of torch: jobs validate their sampling settings by building one at submit.
+"""
 
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ class SamplingParams:
         if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int):
             raise ValueError(f"max_tokens must be an int, got {self.max_tokens!r}")
         if self.max_tokens <= 0:
-            raise ValueError(f"max_tokens must be > 0, got {self.max_tokens}")
+            raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens}")
         if not self.temperature >= 0:  # also rejects NaN
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
@@ -30,7 +33,7 @@ class SamplingParams:
         if self.top_k < -1:
             raise ValueError(f"top_k must be -1 or 0 (off) or >= 1, got {self.top_k}")
         if self.stop is not None and not all(isinstance(s, str) and s for s in self.stop):
-            raise ValueError("stop must be a list of non-empty strings")
+            raise ValueError(f"stop strings must be non-empty strings, got {self.stop!r}")
         if self.stop_token_ids is not None and not all(
             isinstance(t, int) and t >= 0 for t in self.stop_token_ids
         ):

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Any
 
+from engine.outputs import FinishReason
+
 if TYPE_CHECKING:
     from engine.sequence import Sequence
 
@@ -82,7 +84,7 @@ class IncrementalDetokenizer:
 
 def check_finished(
     seq: Sequence, token_id: int, eos_token_ids: frozenset[int], max_seq_len: int
-) -> str | None:
+) -> FinishReason | None:
     """Append a sampled token to seq unless it ends it; return the finish reason if done.
 
     EOS and stop token ids end the sequence without being added to its output. A stop
@@ -90,17 +92,17 @@ def check_finished(
     """
     params = seq.params
     if token_id in eos_token_ids and not params.ignore_eos:
-        return "stop"
+        return FinishReason.STOP
     if params.stop_token_ids and token_id in params.stop_token_ids:
-        return "stop"
+        return FinishReason.STOP
     seq.token_ids.append(token_id)
     new_text = seq.detokenizer.append(token_id, read=bool(params.stop))
     if new_text:
         seq.stop_string_text = _text_before_stop_string(seq.detokenizer.text, new_text, params.stop)
         if seq.stop_string_text is not None:
-            return "stop"
+            return FinishReason.STOP
     if seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= max_seq_len:
-        return "length"
+        return FinishReason.LENGTH
     return None
 
 

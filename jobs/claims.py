@@ -18,7 +18,7 @@ import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from jobs.manifest import utc_now
@@ -57,4 +57,4 @@ def claim(store: Store, key: str, record: dict[str, Any], stale_seconds: float, 
 
 
 def _age_seconds(stamp: str) -> float:
-    return (datetime.now(timezone.utc) - datetime.fromisoformat(stamp)).total_seconds()
+    return (datetime.now(UTC) - datetime.fromisoformat(stamp)).total_seconds()

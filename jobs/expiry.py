@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from jobs import manifest
@@ -39,7 +39,7 @@ def expire_jobs(store: Store, retention_days: int, now: datetime | None = None) 
     """
     if retention_days < 1:
         raise UserError(f"retention must be at least 1 day, got {retention_days}")
-    cutoff = (now or datetime.now(timezone.utc)) - timedelta(days=retention_days)
+    cutoff = (now or datetime.now(UTC)) - timedelta(days=retention_days)
     expired = []
     for job in manifest.list_manifests(store):
         # Read again just before deleting: a retry may have re-queued it since the listing.

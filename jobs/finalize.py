@@ -10,12 +10,14 @@ write the same manifest. Counts follow jobs/outcomes.py (retried rows count once
 
 from __future__ import annotations
 
-from datetime import date, datetime, timezone
+from datetime import UTC, date, datetime
 from typing import Any
 
 from jobs import keys
 from jobs.manifest import (
+    CANCEL_STATES,
     TERMINAL_STATES,
+    JobState,
     cancel_reason,
     cancel_requested,
     load_manifest,
@@ -68,7 +70,7 @@ def _accounted(outcomes: dict[int, ShardOutcome], failures: dict[tuple[int, int]
 
 
 def _cancelled(store: Store, job_id: str, manifest: dict[str, Any]) -> bool:
-    return manifest["state"] in ("cancelling", "cancelled") or (
+    return manifest["state"] in CANCEL_STATES or (
         manifest["state"] not in TERMINAL_STATES and cancel_requested(store, job_id))
 
 
@@ -89,18 +91,18 @@ def finalize_if_complete(store: Store, job_id: str) -> dict[str, Any] | None:
 
 
 def _final_state(cancelled: str | None, shards_total: int, missing_shards: list[int],
-                 shard_errors: list[str]) -> tuple[str, str | None]:
+                 shard_errors: list[str]) -> tuple[JobState, str | None]:
     """cancelled: the cancel's reason, if the job was cancelled."""
     if cancelled:
-        return "cancelled", cancelled
+        return JobState.CANCELLED, cancelled
     if shard_errors:
-        return "failed", f"{len(shard_errors)} shard(s) failed; first: {shard_errors[0]}"
+        return JobState.FAILED, f"{len(shard_errors)} shard(s) failed; first: {shard_errors[0]}"
     if missing_shards:
         shown = ", ".join(str(i) for i in missing_shards[:5])
         more = ", ..." if len(missing_shards) > 5 else ""
-        return "failed", (f"{len(missing_shards)} of {shards_total} shards produced no results "
+        return JobState.FAILED, (f"{len(missing_shards)} of {shards_total} shards produced no results "
                           f"(shards {shown}{more})")
-    return "completed", None
+    return JobState.COMPLETED, None
 
 
 # A finalizer counts again while parts keep appearing under it, at most this often.
@@ -129,7 +131,7 @@ def finalize_job(store: Store, job_id: str) -> dict[str, Any]:
     manifest = load_manifest(store, job_id)
     cancelled = _cancelled(store, job_id, manifest)
     if manifest["state"] not in TERMINAL_STATES:
-        manifest = update_manifest(store, job_id, state="finalizing")
+        manifest = update_manifest(store, job_id, state=JobState.FINALIZING)
     for _ in range(MAX_RECOUNTS):
         before = _signature(store, job_id)
         changes = _final_changes(store, job_id, manifest, cancelled)
@@ -164,7 +166,7 @@ def _final_changes(store: Store, job_id: str, manifest: dict[str, Any],
                if i not in outcomes or not outcomes[i].done]
 
     created = date.fromisoformat(manifest["created_at"][:10])
-    today = datetime.now(timezone.utc).date()
+    today = datetime.now(UTC).date()
     counted = {(shard, attempt) for shard in done for attempt in outcomes[shard].results}
     usage = job_usage_parts(store, job_id, created, today)
     records = [usage[part] for part in sorted(usage) if part in counted]

@@ -36,9 +36,10 @@ from typing import Any
 from jobs import keys, manifest
 from jobs.claims import claim
 from jobs.errors import UserError
-from jobs.manifest import utc_now
+from jobs.manifest import JobState, utc_now
 from jobs.outcomes import merge_errors
 from jobs.results import write_results_file
+from jobs.spec import spec_options
 from jobs.store import NotFound, Store, get_json, put_json
 from jobs.tables import put_table
 
@@ -50,13 +51,10 @@ OUTBOX_PREFIX = "outbox/"
 # Long enough for a scanner to download and validate a large file before it records the job.
 STALE_CLAIM_SECONDS = 3600
 
-# What an inbox spec may set: the submit flags (long names, underscores), and how to read
-# each from a BATCHINFER_INBOX_<FLAG> variable.
+# What an inbox spec may set: the submit options (the job spec's fields) and how to read
+# each from a BATCHINFER_INBOX_<NAME> variable; the scan sets the idempotency key itself.
 SPEC_FIELDS: dict[str, Callable[[str], Any]] = {
-    "model": str, "prompt_column": str, "messages_column": str, "id_column": str,
-    "max_tokens": int, "temperature": float, "top_p": float, "top_k": int, "seed": int,
-    "stop": str, "shard_size": int, "queue": str,
-}
+    option.name: option.parse for option in spec_options() if option.name != "idempotency_key"}
 # Inbox names become object keys and outbox folders: no "/", no leading dot.
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
 
@@ -219,7 +217,7 @@ def deliver_finished_job(store: Store, job: dict[str, Any]) -> bool:
     A cancelled job is left to the scan: it ends when the cancel is seen, and its shards
     still running add their rows to it as they stop.
     """
-    if job["state"] == "cancelled":
+    if job["state"] == JobState.CANCELLED:
         return False
     try:
         source = get_json(store, keys.inbox_source_key(job["job_id"]))

@@ -148,8 +148,3 @@ def part_of_key(key: str) -> tuple[int, int]:
     if match is None:
         raise ValueError(f"not a per-shard key: {key!r}")
     return int(match.group(1)), int(match.group(2) or 0)
-
-
-def shard_of_key(key: str) -> int:
-    """The shard index in a part, progress or usage key (the inverse of the builders above)."""
-    return part_of_key(key)[0]

@@ -15,25 +15,42 @@ secrets: no URLs, no credentials, no environment.
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
+from enum import StrEnum
 from typing import Any
 
 from jobs import keys
 from jobs.errors import UserError
 from jobs.store import NotFound, Store, get_json, put_json
 
-STATES = ("validating", "queued", "running", "finalizing", "completed", "failed",
-          "cancelling", "cancelled")
-TERMINAL_STATES = ("completed", "failed", "cancelled")
+
+class JobState(StrEnum):
+    """A job's state; the manifest stores its value."""
+
+    VALIDATING = "validating"
+    QUEUED = "queued"
+    RUNNING = "running"
+    FINALIZING = "finalizing"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLING = "cancelling"
+    CANCELLED = "cancelled"
+
+
+STATES = tuple(JobState)
+TERMINAL_STATES = frozenset({JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED})
+# Asked to stop, or stopped.
+CANCEL_STATES = frozenset({JobState.CANCELLING, JobState.CANCELLED})
 _NEXT_STATES = {
-    "validating": {"queued", "failed", "cancelled"},
-    "queued": {"running", "cancelling", "finalizing", "failed"},
-    "running": {"finalizing", "cancelling", "failed"},
-    "cancelling": {"finalizing", "cancelled", "failed"},
-    "finalizing": {"completed", "failed", "cancelled"},
-    "completed": {"queued"},
-    "failed": {"queued"},
-    "cancelled": {"queued"},
+    JobState.VALIDATING: {JobState.QUEUED, JobState.FAILED, JobState.CANCELLED},
+    JobState.QUEUED: {JobState.RUNNING, JobState.CANCELLING, JobState.FINALIZING,
+                      JobState.FAILED},
+    JobState.RUNNING: {JobState.FINALIZING, JobState.CANCELLING, JobState.FAILED},
+    JobState.CANCELLING: {JobState.FINALIZING, JobState.CANCELLED, JobState.FAILED},
+    JobState.FINALIZING: {JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED},
+    JobState.COMPLETED: {JobState.QUEUED},
+    JobState.FAILED: {JobState.QUEUED},
+    JobState.CANCELLED: {JobState.QUEUED},
 }
 USAGE_FIELDS = ("prompt_tokens", "completion_tokens", "cached_tokens", "busy_seconds", "cost_usd",
                 "cost_per_million_tokens", "tokens_per_second", "occupancy",
@@ -42,11 +59,11 @@ USAGE_FIELDS = ("prompt_tokens", "completion_tokens", "cached_tokens", "busy_sec
 
 def utc_now() -> str:
     """Now as ISO 8601 in UTC, the format of every manifest timestamp."""
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
 
 
 def new_manifest(job_id: str, model: str, total_rows: int, shards_total: int,
-                 state: str = "queued") -> dict[str, Any]:
+                 state: JobState = JobState.QUEUED) -> dict[str, Any]:
     return {
         "job_id": keys.validate_job_id(job_id),
         "state": state,
@@ -97,9 +114,9 @@ def update_manifest(store: Store, job_id: str, **changes: Any) -> dict[str, Any]
 def mark_running(store: Store, job_id: str) -> dict[str, Any]:
     """queued -> running, stamping started_at (first run only); other states are left alone."""
     manifest = load_manifest(store, job_id)
-    if manifest["state"] != "queued" or store.exists(keys.cancel_key(job_id)):
+    if manifest["state"] != JobState.QUEUED or store.exists(keys.cancel_key(job_id)):
         return manifest
-    return update_manifest(store, job_id, state="running",
+    return update_manifest(store, job_id, state=JobState.RUNNING,
                            started_at=manifest.get("started_at") or utc_now())
 
 
@@ -107,11 +124,12 @@ def request_cancel(store: Store, job_id: str, by: str = "") -> dict[str, Any]:
     """Ask a job to stop (state cancelling); a job already ending is left alone. by: who
     asked, for the job's reason ("root@host with batchinfer cancel")."""
     manifest = load_manifest(store, job_id)
-    if manifest["state"] not in ("validating", "queued", "running"):
+    if manifest["state"] not in (JobState.VALIDATING, JobState.QUEUED, JobState.RUNNING):
         return manifest
     marker = {"at": utc_now(), "by": by}
     put_json(store, keys.cancel_key(job_id), marker)
-    return update_manifest(store, job_id, state="cancelling", reason=_cancel_reason(marker))
+    return update_manifest(store, job_id, state=JobState.CANCELLING,
+                           reason=_cancel_reason(marker))
 
 
 def cancel_reason(store: Store, job_id: str) -> str:

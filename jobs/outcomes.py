@@ -16,6 +16,7 @@ time, e.g. out of memory even alone: `batchinfer retry` runs it again).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import StrEnum
 
 import pyarrow as pa
 
@@ -25,9 +26,13 @@ from jobs.store import Store
 from jobs.tables import count_rows, read_table
 
 ERROR_KIND_COLUMN = "error_kind"
-INVALID = "invalid"
-TRANSIENT = "transient"
-ERROR_KINDS = (INVALID, TRANSIENT)
+
+
+class ErrorKind(StrEnum):
+    """Why a row failed, as its error_kind column says (module docstring)."""
+
+    INVALID = "invalid"
+    TRANSIENT = "transient"
 
 
 @dataclass
@@ -66,8 +71,8 @@ def _with_kind(table: pa.Table) -> pa.Table:
     """Error parts written before kinds existed hold only invalid rows."""
     if ERROR_KIND_COLUMN in table.column_names:
         return table
-    return table.append_column(ERROR_KIND_COLUMN, pa.array([INVALID] * table.num_rows,
-                                                           pa.string()))
+    return table.append_column(ERROR_KIND_COLUMN,
+                               pa.array([ErrorKind.INVALID] * table.num_rows, pa.string()))
 
 
 def failed_rows(store: Store, outcome: ShardOutcome, before: int | None = None) -> pa.Table | None:
@@ -113,7 +118,7 @@ def transient_ids(store: Store, outcome: ShardOutcome, before: int | None = None
     if table is None:
         return []
     return [row[table.column_names[0]] for row in table.to_pylist()
-            if row[ERROR_KIND_COLUMN] == TRANSIENT]
+            if row[ERROR_KIND_COLUMN] == ErrorKind.TRANSIENT]
 
 
 def merge_errors(store: Store, job_id: str) -> pa.Table | None:
@@ -130,6 +135,5 @@ def merge_errors(store: Store, job_id: str) -> pa.Table | None:
     return pa.concat_tables(tables, promote_options="default")
 
 
-__all__ = ["ERROR_COLUMN", "ERROR_KIND_COLUMN", "ERROR_KINDS", "INVALID", "TRANSIENT",
-           "ShardOutcome", "count_failed", "count_succeeded", "failed_rows", "list_outcomes",
-           "merge_errors", "transient_ids"]
+__all__ = ["ERROR_COLUMN", "ERROR_KIND_COLUMN", "ErrorKind", "ShardOutcome", "count_failed",
+           "count_succeeded", "failed_rows", "list_outcomes", "merge_errors", "transient_ids"]

@@ -6,7 +6,7 @@ add them up for a progress bar. (Workers also send the same numbers to Flower.)
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from jobs import keys
@@ -75,6 +75,6 @@ def eta_seconds(done: int, total: int, started_at: str | None,
     """Seconds left at the rate rows have finished since started_at (None: no rate yet)."""
     if not done or not started_at:
         return None
-    elapsed = ((now or datetime.now(timezone.utc)) - datetime.fromisoformat(started_at))
+    elapsed = ((now or datetime.now(UTC)) - datetime.fromisoformat(started_at))
     seconds = elapsed.total_seconds()
     return (total - done) * seconds / done if seconds > 0 else None

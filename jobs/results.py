@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 
 from jobs import keys
 from jobs.errors import UserError
+from jobs.input_file import input_layout
 from jobs.manifest import load_manifest
 from jobs.outcomes import (
     ERROR_COLUMN,
@@ -27,7 +28,7 @@ from jobs.outcomes import (
 )
 from jobs.planner import plan_shards
 from jobs.shard_input import read_shard_rows
-from jobs.spec import ROW_INDEX_COLUMN, input_layout, load_spec
+from jobs.spec import ROW_INDEX_COLUMN, load_spec
 from jobs.store import Store
 from jobs.tables import read_table
 

@@ -29,6 +29,7 @@ from jobs.errors import UserError
 from jobs.finalize import retry_round
 from jobs.manifest import (
     TERMINAL_STATES,
+    JobState,
     clear_cancel,
     load_manifest,
     update_manifest,
@@ -98,7 +99,7 @@ def start_retry(store: Store, job_id: str, enqueue: Enqueue) -> dict[str, Any]:
     clear_cancel(store, job_id)
     for shard in plan.whole_shards:  # their old failure would account for them at once
         store.delete(keys.failure_key(job_id, shard))
-    update_manifest(store, job_id, state="queued", reason=None, finished_at=None,
+    update_manifest(store, job_id, state=JobState.QUEUED, reason=None, finished_at=None,
                     retry={"round": plan.round, "row_shards": sorted(plan.row_shards)})
     try:
         for shard in plan.whole_shards:
@@ -108,7 +109,7 @@ def start_retry(store: Store, job_id: str, enqueue: Enqueue) -> dict[str, Any]:
     except Exception as error:
         reason = mask_secrets(f"retry round {plan.round} could not be queued: "
                               f"{type(error).__name__}: {error}")
-        update_manifest(store, job_id, state="failed", reason=reason, finished_at=utc_now())
+        update_manifest(store, job_id, state=JobState.FAILED, reason=reason, finished_at=utc_now())
         raise
     return plan.summary()
 

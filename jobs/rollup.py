@@ -7,7 +7,7 @@ rollup-usage [--date D]` runs it by hand.
 
 from __future__ import annotations
 
-from datetime import date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 import pyarrow as pa
@@ -81,5 +81,5 @@ def parse_day(text: str) -> date:
 
 def yesterday(now: datetime | None = None) -> date:
     """The UTC day before now: the last complete day of usage records."""
-    return ((now or datetime.now(timezone.utc)).astimezone(timezone.utc)
+    return ((now or datetime.now(UTC)).astimezone(UTC)
             - timedelta(days=1)).date()

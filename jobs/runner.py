@@ -18,28 +18,22 @@ import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from engine import LLM, RequestOutput, SamplingParams
+from engine import LLM, FinishReason, RequestOutput, SamplingParams
 from jobs import keys, limits, settings
 from jobs.faults import is_out_of_memory
+from jobs.input_file import InputLayout, input_layout
 from jobs.oom_backoff import OomBackoff
-from jobs.outcomes import ERROR_KIND_COLUMN, INVALID, TRANSIENT, list_outcomes, transient_ids
+from jobs.outcomes import ERROR_KIND_COLUMN, ErrorKind, list_outcomes, transient_ids
 from jobs.planner import Shard, plan_shards
 from jobs.progress import write_progress
 from jobs.shard_input import READ_BATCH_ROWS, prompt_text, read_shard_rows, select_rows
-from jobs.spec import (
-    ERROR_COLUMN,
-    InputLayout,
-    JobSpec,
-    input_layout,
-    load_spec,
-    sampling_kwargs,
-)
+from jobs.spec import ERROR_COLUMN, JobSpec, load_spec, sampling_params
 from jobs.store import Store
 from jobs.tables import count_rows, put_table
 from jobs.usage import BatchFigures, make_usage_record, write_usage
@@ -152,7 +146,7 @@ class _ShardRun:
         self.request_prefix = f"{job_id}-{shard.index:05d}-{attempt}-{next(_RUN_NUMBERS)}"
         # Set when generate() starts and ends.
         self.stats_before: dict[str, Any] = {}
-        self.started_at = self.finished_at = datetime.now(timezone.utc)
+        self.started_at = self.finished_at = datetime.now(UTC)
         self.start = time.monotonic()
         self.busy_seconds = 0.0
 
@@ -175,7 +169,7 @@ class _ShardRun:
         except ValueError as error:
             return None, None, str(error)
         try:
-            return prompt, SamplingParams(**sampling_kwargs(self.spec, overrides)), None
+            return prompt, sampling_params(self.spec, overrides), None
         except ValueError as error:
             return None, None, f"invalid sampling override: {error}"
 
@@ -190,7 +184,7 @@ class _ShardRun:
         request_number = 0
         more_rows = True
         self.stats_before = llm.stats()
-        self.started_at = datetime.now(timezone.utc)
+        self.started_at = datetime.now(UTC)
         self.start = time.monotonic()
         last_progress = self.start
         last_cancel_check = -math.inf  # ask before the first step too
@@ -218,7 +212,7 @@ class _ShardRun:
                             continue
                         except ValueError as rejected:  # can never run: too long, say
                             error = str(rejected)
-                    self.errors[position] = (error, INVALID)
+                    self.errors[position] = (error, ErrorKind.INVALID)
                 if not in_flight:
                     break
                 now = time.monotonic()
@@ -245,7 +239,7 @@ class _ShardRun:
             for request_id in in_flight:
                 llm.abort_request(request_id)
         self.busy_seconds = time.monotonic() - self.start
-        self.finished_at = datetime.now(timezone.utc)
+        self.finished_at = datetime.now(UTC)
         self._report_progress()
         return True
 
@@ -273,16 +267,16 @@ class _ShardRun:
         position = taken_back[0][0]
         log.warning("shard %s: row %d %s, even alone", self.shard.index, position, reason)
         self.backoff.row_ran_out_alone(reason)
-        self.errors[position] = (f"{reason} (even alone)", TRANSIENT)
+        self.errors[position] = (f"{reason} (even alone)", ErrorKind.TRANSIENT)
         return []
 
     def _collect(self, position: int, output: RequestOutput) -> None:
-        if output.finish_reason in ("stop", "length"):
+        if FinishReason(output.finish_reason).completed:
             self.outputs[position] = output
             self.tokens_done += output.prompt_tokens + output.completion_tokens
         else:  # the engine failed on this row at run time: worth another try
             self.errors[position] = (output.error or f"request {output.finish_reason}",
-                                     TRANSIENT)
+                                     ErrorKind.TRANSIENT)
 
     def _take_back(self, in_flight: dict[str, int],
                    prepared: dict[int, tuple[str, SamplingParams]]

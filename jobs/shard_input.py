@@ -11,8 +11,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from jobs.input_file import InputLayout
 from jobs.planner import Shard, row_group_bounds
-from jobs.spec import InputLayout
 
 READ_BATCH_ROWS = 1024
 

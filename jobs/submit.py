@@ -14,7 +14,7 @@ import dataclasses
 import tempfile
 import time
 from collections.abc import Callable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pyarrow as pa
@@ -23,9 +23,10 @@ import pyarrow.parquet as pq
 from jobs import keys, models
 from jobs.claims import claim
 from jobs.errors import ServiceUnavailable, UserError
-from jobs.manifest import new_manifest, save_manifest, update_manifest, utc_now
+from jobs.input_file import validate_input
+from jobs.manifest import JobState, new_manifest, save_manifest, update_manifest, utc_now
 from jobs.planner import Shard, plan_shards
-from jobs.spec import JobSpec, load_spec, save_spec, setting_name, validate_input
+from jobs.spec import JobSpec, load_spec, save_spec, setting_name
 from jobs.store import NotFound, Store, get_json, put_json
 
 # A racing submit waits this long for the winner to finish creating the job.
@@ -131,7 +132,7 @@ def _enqueue_or_fail(store: Store, job_id: str, shards: list[Shard], enqueue: En
     try:
         enqueue(job_id, shards)
     except ServiceUnavailable as error:
-        update_manifest(store, job_id, state="failed", finished_at=utc_now(),
+        update_manifest(store, job_id, state=JobState.FAILED, finished_at=utc_now(),
                         reason=f"its shards could not be queued: {error}")
         raise
 
@@ -144,7 +145,7 @@ def _read(store: Store, key: str) -> dict | None:
 
 
 def _age(stamp: str) -> float:
-    return (datetime.now(timezone.utc) - datetime.fromisoformat(stamp)).total_seconds()
+    return (datetime.now(UTC) - datetime.fromisoformat(stamp)).total_seconds()
 
 
 def _requeue(store: Store, job_id: str, enqueue: Enqueue) -> None:

@@ -121,20 +121,14 @@ def write_usage(store: Store, record: UsageRecord, attempt: int = 0) -> str:
     return key
 
 
-def read_job_usage(store: Store, job_id: str, first_day: date, last_day: date) -> list[UsageRecord]:
-    """The job's usage records dated first_day..last_day, one per shard (and per retry of
-    its rows), ordered by shard.
+def job_usage_parts(store: Store, job_id: str, first_day: date,
+                    last_day: date) -> dict[tuple[int, int], UsageRecord]:
+    """The job's usage records dated first_day..last_day by (shard, attempt): one per
+    shard and per retry of its rows.
 
     A shard re-run on a later day (its first attempt died after writing usage) leaves two
     records; the later one is kept.
     """
-    parts = job_usage_parts(store, job_id, first_day, last_day)
-    return [parts[part] for part in sorted(parts)]
-
-
-def job_usage_parts(store: Store, job_id: str, first_day: date,
-                    last_day: date) -> dict[tuple[int, int], UsageRecord]:
-    """As read_job_usage, by (shard, attempt)."""
     latest: dict[tuple[int, int], UsageRecord] = {}
     day = first_day
     while day <= last_day:

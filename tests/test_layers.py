@@ -66,7 +66,7 @@ def test_jobs_never_import_workers_or_celery():
     assert not pulled_in(*modules_of("jobs")) & {"workers", "celery", "kombu"}
 
 
-TORCH_FREE = ["jobs.spec", "jobs.store", "jobs.results", "jobs.manifest", "jobs.outcomes",
+TORCH_FREE = ["jobs.spec", "jobs.input_file", "jobs.store", "jobs.file_store", "jobs.s3_store", "jobs.results", "jobs.manifest", "jobs.outcomes",
               "jobs.progress", "jobs.submit"]
 
 

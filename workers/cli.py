@@ -73,6 +73,14 @@ def add_submit_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help='print {"job_id": ...} as JSON')
 
 
+def _job_command(sub: argparse._SubParsersAction, name: str, **kwargs: str
+                 ) -> argparse.ArgumentParser:
+    """A command about one job: its JOB argument comes first."""
+    parser = sub.add_parser(name, **kwargs)
+    parser.add_argument("job", metavar="JOB", help="job id")
+    return parser
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="batchinfer", description=(
         "Batch LLM inference on your own GPUs: submit a Parquet file of prompts, workers run "
@@ -87,8 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_submit_arguments(submit)
     submit.set_defaults(func=cmd_submit)
 
-    status = sub.add_parser("status", help="a job's state, counts and usage")
-    status.add_argument("job", metavar="JOB", help="job id")
+    status = _job_command(sub, "status", help="a job's state, counts and usage")
     status.add_argument("--json", action="store_true", help="print the manifest as JSON")
     status.add_argument("--wait", action="store_true",
                         help="follow the job to its end with a progress bar (exit codes as "
@@ -102,42 +109,37 @@ def build_parser() -> argparse.ArgumentParser:
     jobs.add_argument("--json", action="store_true", help="print a JSON list")
     jobs.set_defaults(func=cmd_jobs)
 
-    results = sub.add_parser("results", help="download a job's merged results")
-    results.add_argument("job", metavar="JOB", help="job id")
+    results = _job_command(sub, "results", help="download a job's merged results")
     results.add_argument("-o", "--output", required=True, metavar="OUT.parquet")
     results.set_defaults(func=cmd_results)
 
-    errors = sub.add_parser(
-        "errors", help="a job's failed rows: id, kind and reason",
+    errors = _job_command(
+        sub, "errors", help="a job's failed rows: id, kind and reason",
         description="Print the rows of a job that failed (id, error kind, reason; tab-"
                     "separated, or JSON with --json), or write them to a Parquet file with -o. "
                     "Kind 'invalid': the row itself cannot run (fix the input); 'transient': "
                     "the engine failed on it at run time (batchinfer retry runs it again).")
-    errors.add_argument("job", metavar="JOB", help="job id")
     errors.add_argument("-o", "--output", metavar="ERRORS.parquet",
                         help="write the failed rows here instead of printing them")
     errors.add_argument("--json", action="store_true", help="print a JSON list")
     errors.set_defaults(func=cmd_errors)
 
-    cancel = sub.add_parser("cancel", help="cancel a job (rows already written stay)")
-    cancel.add_argument("job", metavar="JOB", help="job id")
+    cancel = _job_command(sub, "cancel", help="cancel a job (rows already written stay)")
     cancel.set_defaults(func=cmd_cancel)
 
-    delete = sub.add_parser(
-        "delete", help="delete a finished job from the store",
+    delete = _job_command(
+        sub, "delete", help="delete a finished job from the store",
         description="Delete a finished job's objects (input, results, errors, manifest) from "
                     "the store; its usage records stay. A job still going is refused: cancel "
                     "it first.")
-    delete.add_argument("job", metavar="JOB", help="job id")
     delete.set_defaults(func=cmd_delete)
 
-    retry = sub.add_parser(
-        "retry", help="run again a finished job's failed shards and transiently failed rows",
+    retry = _job_command(
+        sub, "retry", help="run again a finished job's failed shards and transiently failed rows",
         description="Run again, in a new retry round, the shards of a finished job that have "
                     "no results (they failed, or the job was cancelled) and the rows whose "
                     "error is of kind 'transient' (the engine failed on them at run time). "
                     "Rows that succeeded and invalid rows are left as they are.")
-    retry.add_argument("job", metavar="JOB", help="job id")
     retry.add_argument("--wait", action="store_true", help="wait for the round to finish")
     retry.add_argument("--json", action="store_true", help="print what was queued as JSON")
     retry.set_defaults(func=cmd_retry)

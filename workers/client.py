@@ -19,7 +19,7 @@ import pyarrow as pa
 
 from jobs import delete, finalize, manifest, progress, results, retry, settings
 from jobs.keys import validate_job_id
-from jobs.manifest import TERMINAL_STATES
+from jobs.manifest import TERMINAL_STATES, JobState
 from jobs.planner import Shard
 from jobs.spec import DEFAULT_QUEUE, JobSpec, load_spec
 from jobs.store import Store, open_store
@@ -75,7 +75,7 @@ class Job:
         try:
             while True:
                 status = self.status()
-                if status["state"] != "queued":
+                if status["state"] != JobState.QUEUED:
                     notice = None
                 elif time.monotonic() >= next_worker_check:
                     next_worker_check = time.monotonic() + WORKER_CHECK_SECONDS
@@ -103,7 +103,7 @@ class Job:
         who cancelled it (user@host with `by`) and when; rows already written stay, and a
         shard that was finishing as the cancel came still counts."""
         state = manifest.request_cancel(self.client.store, self.id, by=f"{_user()} with {by}")
-        if state["state"] != "cancelling":
+        if state["state"] != JobState.CANCELLING:
             return state  # it had already ended
         return finalize.finalize_if_complete(self.client.store, self.id) or state
 

@@ -11,6 +11,7 @@ from typing import Any, NoReturn
 
 from jobs import expiry, inbox, rollup, settings
 from jobs.errors import UserError
+from jobs.manifest import TERMINAL_STATES, JobState
 from jobs.spec import spec_options
 from workers.client import Client, Job
 from workers.progress_bar import format_duration
@@ -69,10 +70,10 @@ def _wait_and_summarize(job: Job, progress: bool, output: str | None = None) -> 
     status = job.wait(progress=progress)
     for line in _summary_lines(status, job):
         print(line, file=sys.stderr)
-    if output and status["state"] == "completed":
+    if output and status["state"] == JobState.COMPLETED:
         rows = job.download_results(output)
         print(f"wrote {rows} result rows to {output}", file=sys.stderr)
-    if status["state"] != "completed":
+    if status["state"] != JobState.COMPLETED:
         return EXIT_JOB_NOT_COMPLETED
     return EXIT_ROWS_FAILED if status["counts"].get("failed_rows") else EXIT_OK
 
@@ -96,8 +97,7 @@ def _summary_lines(status: dict, job: Job | None = None) -> list[str]:
                      f"{format_duration(live['eta_seconds'])}")
     if status.get("reason"):
         lines.append(f"reason: {status['reason']}")
-    if job is not None and counts.get("failed_rows") and status["state"] in (
-            "completed", "failed", "cancelled"):
+    if job is not None and counts.get("failed_rows") and status["state"] in TERMINAL_STATES:
         lines.extend(_error_lines(job, counts["failed_rows"]))
     return lines
 
@@ -125,7 +125,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         return EXIT_OK
     for line in _summary_lines(status, job):
         print(line)
-    if status["state"] == "queued":
+    if status["state"] == JobState.QUEUED:
         notice = job.worker_notice()
         if notice:
             print(notice)

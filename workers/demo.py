@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from jobs import settings
+from jobs.manifest import JobState
 from workers.client import Client
 from workers.launcher import celery_worker_argv
 
@@ -81,7 +82,7 @@ def run_demo(model: str | None = None, rows: int = 300) -> int:
         worker.terminate()
         worker.wait(60)
 
-    if status["state"] != "completed":
+    if status["state"] != JobState.COMPLETED:
         print(f"job {status['state']}: {status.get('reason', '')}", file=sys.stderr)
         return 1
     _show(job.results(), status, model_path)

@@ -8,7 +8,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from jobs.manifest import TERMINAL_STATES
+from jobs.manifest import TERMINAL_STATES, JobState
 
 
 class ProgressBar:
@@ -67,7 +67,7 @@ class ProgressBar:
         else:
             if ended:
                 rate = status.get("usage", {}).get("tokens_per_second", 0.0)
-            elif status["state"] in ("validating", "queued"):
+            elif status["state"] in (JobState.VALIDATING, JobState.QUEUED):
                 rate = 0.0
             else:
                 rate = self._live_rate(live)

@@ -1,30 +1,15 @@
 """Packed-weight linear layers: GPTQ checkpoints and load-time round-to-nearest (RTN).
 
-Every layer is first brought to one load-time form, per group g of `group_size`
-consecutive input features (after the act-order permutation, see below):
+Every layer is first brought to one load-time form, `Centered` (engine/quant/matmul.py),
+per group g of `group_size` consecutive input features (after the act-order
+permutation, see below):
 
     W[o, k] = qc[o, k] * scales[g, o] + offsets[g, o]
 
 with `qc` the integer code centred on zero (q - 2**(bits-1), so int8 holds it for both
 widths). GPTQ gives offsets = (2**(bits-1) - z) * s, zero for symmetric checkpoints.
-A kernel then packs that form for its op; none keeps a dequantized float weight:
-
-- int4 with bfloat16 activations: torch's tinygemm ops, `_weight_int4pack_mm_for_cpu`
-  on CPU and `_weight_int4pack_mm` on CUDA. Both compute, per group,
-  w = (q - 8) * scale + zero with q in [0, 16) (verified against the reference
-  dequantization by the tests), so scale = s and zero = offset, packed [groups, N, 2].
-  They take group sizes 32/64/128/256 only; a larger group that is a multiple of one of
-  those is split into equal sub-groups that repeat its scale and zero, which is exact.
-- int8 with bfloat16 activations on CPU: `_weight_int8pack_mm` (int8 weight, one scale
-  per output channel) once per group, for groups of a multiple of 16 inputs (the op has
-  no tail loop and crashes on other widths); from 32 rows on (prefill, big batches),
-  where that op is slow, a bfloat16 matmul over the same codes (exact in bfloat16),
-  scaled after. Non-zero offsets add (sum of x over the group) @ offsets[group] in
-  float32. This keeps grouped and asymmetric 8-bit GPTQ exact
-  instead of requantizing it per channel, for one op call per group.
-- anything else (float32/float16 activations, odd shapes or group sizes, int8 on CUDA,
-  ops missing): dequantize a slice of input features at a time inside the matmul
-  (`_DequantChunked`). `_pick_kernel` says why each case goes where it goes.
+A kernel from engine/quant/matmul.py then packs that form for its op (`pick_kernel`
+says which, and why); none keeps a dequantized float weight.
 
 Act-order (desc_act): GPTQ's g_idx scatters each group over the input features. The
 rows are sorted by group once at load so groups are contiguous again; each call then
@@ -34,237 +19,12 @@ gathers the activation columns in that order (one index_select), never the weigh
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from engine.layers import linear
 from engine.quant.gptq import SUPPORTED_BITS, QuantConfig, unpack_gptq
-
-_INT4_KERNEL_GROUP_SIZES = (256, 128, 64, 32)
-# Input features dequantized at a time by the portable fallback: bounds its scratch
-# to out_features * 1024 activation-dtype values per call.
-_FALLBACK_CHUNK = 1024
-# torch's CPU int8 op costs about as much per row at 128 rows as at one: from this many
-# rows on, _Int8PerGroup multiplies by its codes in bfloat16 instead, which is faster
-# there, grouped or not; the op stays ahead for decode-sized batches.
-_INT8_OP_MAX_ROWS = 32
-
-
-@dataclass
-class _Centered:
-    """The load-time form described in the module docstring."""
-
-    qc: torch.Tensor  # int8 [N, K]
-    scales: torch.Tensor  # float32 [n_groups, N]
-    offsets: torch.Tensor | None  # float32 [n_groups, N]; None when all zero
-    group_size: int  # n_groups * group_size == K
-    bits: int
-
-
-def _has_kernel(op: str, device: torch.device) -> bool:
-    key = "CUDA" if device.type == "cuda" else device.type.upper()
-    return torch._C._dispatch_has_kernel_for_dispatch_key(f"aten::{op}", key)
-
-
-def _bytes(*tensors: torch.Tensor | None) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
-
-
-class _Int8PerGroup:
-    """int8 weight-only op per group (one call when the group spans all inputs)."""
-
-    name = "int8_weight_only"
-
-    def __init__(self, w: _Centered, dtype: torch.dtype, device: torch.device):
-        self.group_size = w.group_size
-        # [n_groups, N, group_size]: the op needs each group's weight contiguous.
-        self.qweight = (
-            w.qc.view(len(w.qc), -1, w.group_size).transpose(0, 1).contiguous().to(device)
-        )
-        self.scales = w.scales.to(device, dtype)
-        self.offsets = None if w.offsets is None else w.offsets.to(device)
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] >= _INT8_OP_MAX_ROWS:
-            y = self._codes_matmul(x)
-        elif len(self.qweight) == 1:
-            y = torch._weight_int8pack_mm(x, self.qweight[0], self.scales[0])
-        else:
-            # Sum the per-group products in float32: bfloat16 partial sums would lose bits.
-            y = torch.zeros(x.shape[0], self.scales.shape[1], device=x.device)
-            for g, (qweight, scales) in enumerate(zip(self.qweight, self.scales, strict=True)):
-                xg = x[:, g * self.group_size : (g + 1) * self.group_size]
-                y += torch._weight_int8pack_mm(xg, qweight, scales)
-        if self.offsets is not None:
-            group_sums = x.view(x.shape[0], -1, self.group_size).sum(-1, dtype=torch.float32)
-            y = y + group_sums @ self.offsets
-        return y.to(x.dtype)
-
-    def _codes_matmul(self, x: torch.Tensor) -> torch.Tensor:
-        """float32 sum over groups of (x_g @ codes_g.T) * scales_g, for many rows.
-
-        int8 codes are exact in bfloat16, so this is an ordinary bfloat16 matmul over a
-        slice of the codes at a time (at most _FALLBACK_CHUNK inputs: bounded scratch),
-        scaled per output channel after: close to a plain bfloat16 matmul, well ahead of
-        torch's op at these sizes.
-        """
-        y = torch.zeros(x.shape[0], self.scales.shape[1], device=x.device)
-        size = self.group_size
-        for g, (codes, scales) in enumerate(zip(self.qweight, self.scales, strict=True)):
-            part = None
-            for start in range(0, size, _FALLBACK_CHUNK):
-                stop = min(start + _FALLBACK_CHUNK, size)
-                xs = x[:, g * size + start : g * size + stop]
-                product = linear(xs, codes[:, start:stop].to(x.dtype)).float()
-                part = product if part is None else part + product
-            y += part * scales.float()
-        return y
-
-    def nbytes(self) -> int:
-        return _bytes(self.qweight, self.scales, self.offsets)
-
-
-def _int4_kernel_group_size(group_size: int) -> int | None:
-    return next((g for g in _INT4_KERNEL_GROUP_SIZES if group_size % g == 0), None)
-
-
-def _scales_and_zeros(w: _Centered, kernel_group_size: int, dtype: torch.dtype) -> torch.Tensor:
-    """[K / kernel_group_size, N, 2] (scale, zero) in the activation dtype, as the op wants."""
-    zeros = torch.zeros_like(w.scales) if w.offsets is None else w.offsets
-    repeat = w.group_size // kernel_group_size
-    packed = torch.stack([w.scales, zeros], dim=-1).repeat_interleave(repeat, dim=0)
-    return packed.to(dtype).contiguous()
-
-
-class _Int4Tinygemm:
-    """torch's int4 weight-only ops: `*_for_cpu` on CPU, the tinygemm CUDA kernel on CUDA."""
-
-    name = "int4_tinygemm"
-
-    def __init__(self, w: _Centered, dtype: torch.dtype, device: torch.device):
-        self.group_size = _int4_kernel_group_size(w.group_size)
-        self.scales_and_zeros = _scales_and_zeros(w, self.group_size, dtype).to(device)
-        q = (w.qc.int() + 8).to(device)  # [N, K] in [0, 16)
-        self.cuda = device.type == "cuda"
-        if self.cuda:
-            # The CUDA op takes two values per byte, the even input feature in the high
-            # nibble, and tiles K by inner_k_tiles * 16.
-            k = q.shape[1]
-            inner_k_tiles = next(t for t in (8, 4, 2) if k % (t * 16) == 0)
-            pairs = (q[:, 0::2] << 4 | q[:, 1::2]).to(torch.uint8)
-            self.qweight = torch.ops.aten._convert_weight_to_int4pack(pairs, inner_k_tiles)
-        else:
-            # The CPU op takes unpacked int32 values; its tiling argument is unused.
-            self.qweight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
-
-    @staticmethod
-    def supports(n: int, group_size: int, dtype: torch.dtype, device: torch.device) -> bool:
-        if _int4_kernel_group_size(group_size) is None:
-            return False
-        if device.type == "cpu":
-            return n % 16 == 0 and _has_kernel("_weight_int4pack_mm_for_cpu", device)
-        return (
-            device.type == "cuda"
-            and dtype == torch.bfloat16  # the CUDA kernel is bfloat16-only
-            and n % 8 == 0
-            and torch.cuda.get_device_capability(device) >= (8, 0)
-            and _has_kernel("_weight_int4pack_mm", device)
-        )
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.cuda:
-            op = torch.ops.aten._weight_int4pack_mm
-        else:
-            op = torch.ops.aten._weight_int4pack_mm_for_cpu
-        return op(x, self.qweight, self.group_size, self.scales_and_zeros)
-
-    def nbytes(self) -> int:
-        return _bytes(self.qweight, self.scales_and_zeros)
-
-
-class _DequantChunked:
-    """Portable fallback: dequantize a slice of input features at a time inside the matmul.
-
-    Slices hold whole groups (or lie inside one group), so scales and zeros broadcast
-    over a [N, groups, width] view instead of being gathered per input feature.
-    """
-
-    name = "dequant_chunked"
-
-    def __init__(self, w: _Centered, dtype: torch.dtype, device: torch.device):
-        self.bits = w.bits
-        self.in_features = w.qc.shape[1]
-        self.group_size = w.group_size
-        self.chunk = _chunk_columns(w.group_size, w.bits)
-        width = min(self.chunk, w.group_size)  # input features per group inside a slice
-        self.group_codes = width // 2 if w.bits == 4 else width  # codes per row of a group
-        offsets = torch.zeros_like(w.scales) if w.offsets is None else w.offsets
-        if w.bits == 4:
-            # Two codes per byte, even input feature in the low nibble. Codes stay
-            # unsigned (q = qc + 8), so the constant moves into the offsets.
-            q = (w.qc + 8).to(torch.uint8)
-            self.qweight = (q[:, 0::2] | q[:, 1::2] << 4).to(device)
-            offsets = offsets - 8 * w.scales
-        else:
-            self.qweight = w.qc.to(device)
-        self.scales = w.scales.t().to(device, dtype).contiguous()  # [N, n_groups]
-        self.offsets = None if not offsets.any() else offsets.t().to(device, dtype).contiguous()
-
-    def _dequant(self, codes: torch.Tensor, first_group: int, dtype: torch.dtype) -> torch.Tensor:
-        n = codes.shape[0]
-        groups = codes.view(n, -1, self.group_codes).to(dtype)
-        span = slice(first_group, first_group + groups.shape[1])
-        scales = self.scales[:, span, None]
-        if self.offsets is None:
-            return (groups * scales).view(n, -1)
-        return torch.addcmul(self.offsets[:, span, None], groups, scales).view(n, -1)
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.zeros(x.shape[0], self.scales.shape[0], device=x.device)
-        for start in range(0, self.in_features, self.chunk):
-            stop = min(start + self.chunk, self.in_features)
-            first_group = start // self.group_size
-            if self.bits == 8:
-                w = self._dequant(self.qweight[:, start:stop], first_group, x.dtype)
-                y += linear(x[:, start:stop], w)
-                continue
-            packed = self.qweight[:, start // 2 : stop // 2]
-            low = self._dequant(packed & 15, first_group, x.dtype)
-            y += linear(x[:, start:stop:2], low)
-            high = self._dequant(packed >> 4, first_group, x.dtype)
-            y += linear(x[:, start + 1 : stop : 2], high)
-        return y.to(x.dtype)
-
-    def nbytes(self) -> int:
-        return _bytes(self.qweight, self.scales, self.offsets)
-
-
-def _chunk_columns(group_size: int, bits: int) -> int:
-    """Input features per fallback step: whole groups, or a divisor of one large group."""
-    if group_size <= _FALLBACK_CHUNK:
-        return group_size * (_FALLBACK_CHUNK // group_size)
-    step = 2 if bits == 4 else 1  # a 4-bit slice must not split a byte
-    return max(c for c in range(step, _FALLBACK_CHUNK + 1, step) if group_size % c == 0)
-
-
-def _pick_kernel(w: _Centered, dtype: torch.dtype, device: torch.device):
-    if device.type == "cpu":
-        # torch's CPU int8/int4 kernels are vectorized for bfloat16 activations only:
-        # with float32 or float16 they are an order of magnitude or more slower than
-        # dequantizing slices.
-        if dtype != torch.bfloat16:
-            return _DequantChunked(w, dtype, device)
-        # The int8 op reads each group's inputs 16 at a time with no tail loop: other
-        # widths (a 172-wide down_proj, say) crash it (torch 2.13, AVX512).
-        if w.bits == 8 and w.group_size % 16 == 0 and _has_kernel("_weight_int8pack_mm", device):
-            return _Int8PerGroup(w, dtype, device)
-    # torch's CUDA int8 op is not used: it is far slower than dequantizing slices, let
-    # alone a bfloat16 matmul.
-    if w.bits == 4 and _Int4Tinygemm.supports(len(w.qc), w.group_size, dtype, device):
-        return _Int4Tinygemm(w, dtype, device)
-    return _DequantChunked(w, dtype, device)
+from engine.quant.matmul import Centered, pick_kernel, tensor_bytes
 
 
 def _check_even_int4_groups(bits: int, group_size: int, name: str) -> None:
@@ -297,7 +57,7 @@ class QuantLinear(nn.Module):
 
     def __init__(
         self,
-        w: _Centered,
+        w: Centered,
         perm: torch.Tensor | None,
         bias: torch.Tensor | None,
         dtype: torch.dtype,
@@ -312,7 +72,7 @@ class QuantLinear(nn.Module):
         self.device = device
         self.perm = None if perm is None else perm.to(device)
         self.bias = None if bias is None else bias.detach().to(device, dtype)
-        self.kernel = _pick_kernel(w, dtype, device)
+        self.kernel = pick_kernel(w, dtype, device)
 
     @property
     def kernel_name(self) -> str:
@@ -350,7 +110,7 @@ class QuantLinear(nn.Module):
         s = unpacked.scales.float()
         zeros = unpacked.zeros
         offsets = None if torch.all(zeros == mid) else (mid - zeros).float() * s
-        w = _Centered((q - mid).t().to(torch.int8).contiguous(), s, offsets, group_size, bits)
+        w = Centered((q - mid).t().to(torch.int8).contiguous(), s, offsets, group_size, bits)
         return cls(w, perm, bias, dtype, device)
 
     @classmethod
@@ -391,7 +151,7 @@ class QuantLinear(nn.Module):
             codes = torch.round((groups - low[..., None]) / scale[..., None]).clamp(0, 15) - 8
             offsets = (low + 8 * scale).t().contiguous()
         qc = codes.to(torch.int8).view(n, k)
-        w = _Centered(qc, scale.t().contiguous(), offsets, group_size, bits)
+        w = Centered(qc, scale.t().contiguous(), offsets, group_size, bits)
         return cls(w, None, bias, dtype, device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -406,7 +166,7 @@ class QuantLinear(nn.Module):
 
     def weight_bytes(self) -> int:
         """Bytes this layer holds: packed codes, scales and zeros, permutation, bias."""
-        return self.kernel.nbytes() + _bytes(self.perm, self.bias)
+        return self.kernel.nbytes() + tensor_bytes(self.perm, self.bias)
 
     def extra_repr(self) -> str:
         return (

@@ -18,12 +18,8 @@ import pytest
 import torch
 
 from engine import kernels
-from engine.attention import (
-    PagedAttention,
-    Workspace,
-    build_attention_metadata,
-    padded_block_tables,
-)
+from engine.attention import PagedAttention
+from engine.attention_metadata import Workspace, build_attention_metadata, padded_block_tables
 
 BLOCK_SIZE = 4
 

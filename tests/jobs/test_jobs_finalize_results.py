@@ -7,7 +7,7 @@ writes them in test_jobs_runner.py.
 from __future__ import annotations
 
 import dataclasses
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -24,13 +24,19 @@ from jobs.tables import put_table
 from jobs.usage import (
     BatchFigures,
     UsageRecord,
+    job_usage_parts,
     make_usage_record,
-    read_job_usage,
     usage_totals,
     write_usage,
 )
 
-NOW = datetime.now(timezone.utc)
+NOW = datetime.now(UTC)
+
+
+def usage_records(store, job_id: str, first_day, last_day) -> list:
+    """The job's usage records in (shard, attempt) order."""
+    parts = job_usage_parts(store, job_id, first_day, last_day)
+    return [parts[part] for part in sorted(parts)]
 
 
 @pytest.fixture
@@ -103,9 +109,9 @@ def test_usage_is_filed_by_day_and_a_later_retry_wins(store):
     assert key == keys.usage_key(yesterday.date(), job_id, 0)
     write_usage(store, record(job_id, 0, finished=NOW, completion=2))
     write_usage(store, record(job_id, 1, finished=yesterday, completion=3))
-    records = read_job_usage(store, job_id, yesterday.date(), NOW.date())
+    records = usage_records(store, job_id, yesterday.date(), NOW.date())
     assert [(r.shard, r.completion_tokens) for r in records] == [(0, 2), (1, 3)]
-    assert read_job_usage(store, job_id, NOW.date(), NOW.date())[0].completion_tokens == 2
+    assert usage_records(store, job_id, NOW.date(), NOW.date())[0].completion_tokens == 2
 
 
 def test_finalize_counts_rows_and_sums_usage(store):
@@ -225,7 +231,7 @@ def test_usage_records_of_older_workers_read_without_batch_figures(store):
     put_table(store, keys.usage_key(NOW.date(), job_id, 0), pa.Table.from_pylist(
         [{**old, "mean_batch_fill": 0.02}]))
     write_usage(store, record(job_id, 1, occupancy=0.9))
-    [older, newer] = read_job_usage(store, job_id, NOW.date(), NOW.date())
+    [older, newer] = usage_records(store, job_id, NOW.date(), NOW.date())
     assert (older.occupancy, older.mean_tokens_per_step) == (None, None)
     assert older.prompt_tokens == 30 and newer.occupancy == 0.9
     assert usage_totals([older, newer])["occupancy"] == pytest.approx(0.9)

@@ -44,7 +44,7 @@ def test_keys_follow_the_documented_layout():
     for key in (keys.result_key(job_id, 99), keys.progress_key(job_id, 99),
                 keys.failure_key(job_id, 99),
                 keys.usage_key(date(2024, 1, 1), job_id, 99)):
-        assert keys.shard_of_key(key) == 99
+        assert keys.part_of_key(key) == (99, 0)
 
 
 @pytest.mark.parametrize("shard", [-1, keys.MAX_SHARDS, 1.0, True, "1"])
@@ -53,6 +53,6 @@ def test_shard_numbers_are_bounded_integers(shard):
         keys.result_key(keys.new_job_id(), shard)
 
 
-def test_shard_of_key_rejects_other_keys():
+def test_part_of_key_rejects_other_keys():
     with pytest.raises(ValueError):
-        keys.shard_of_key("jobs/x/spec.json")
+        keys.part_of_key("jobs/x/spec.json")

@@ -8,8 +8,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from engine import SamplingParams
 from jobs.errors import UserError
-from jobs.spec import JobSpec, sampling_kwargs, validate_input
+from jobs.input_file import validate_input
+from jobs.spec import JobSpec, sampling_params
 
 MESSAGES_TYPE = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
 
@@ -56,23 +58,23 @@ def test_from_dict_names_unknown_fields_and_needs_a_model():
         JobSpec.from_dict(["m"])
 
 
-def test_sampling_kwargs_take_row_overrides_over_spec_defaults():
+def test_sampling_params_take_row_overrides_over_spec_defaults():
     spec = JobSpec(model="m", max_tokens=8, temperature=0.0, stop=["x"])
-    assert sampling_kwargs(spec, {}) == {"max_tokens": 8, "top_k": -1, "temperature": 0.0,
-                                         "top_p": 1.0, "stop": ["x"]}
-    row = sampling_kwargs(spec, {"max_tokens": 3.0, "temperature": 0.7, "seed": 5,
+    assert sampling_params(spec, {}) == SamplingParams(max_tokens=8, top_k=-1, temperature=0.0,
+                                                       top_p=1.0, stop=["x"])
+    row = sampling_params(spec, {"max_tokens": 3.0, "temperature": 0.7, "seed": 5,
                                  "top_p": None, "stop": "END"})
-    assert row == {"max_tokens": 3, "top_k": -1, "seed": 5, "temperature": 0.7, "top_p": 1.0,
-                   "stop": ["END"]}
-    assert isinstance(row["max_tokens"], int)
-    assert sampling_kwargs(spec, {"stop": []})["stop"] is None  # an explicit "no stop strings"
+    assert row == SamplingParams(max_tokens=3, top_k=-1, seed=5, temperature=0.7, top_p=1.0,
+                                 stop=["END"])
+    assert isinstance(row.max_tokens, int)
+    assert sampling_params(spec, {"stop": []}).stop is None  # an explicit "no stop strings"
     for overrides, message in (({"max_tokens": 2.5}, "max_tokens must be an integer"),
                                ({"max_tokens": -1}, "max_tokens must be at least 1"),
                                ({"temperature": math.inf}, "temperature must be a finite"),
                                ({"top_p": 1.5}, "top_p must be in"),
                                ({"stop": ["a", None]}, "stop strings must be non-empty")):
         with pytest.raises(ValueError, match=message):
-            sampling_kwargs(spec, overrides)
+            sampling_params(spec, overrides)
 
 
 def test_a_valid_input_is_described(tmp_path):

@@ -15,11 +15,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from jobs.errors import UserError
+from jobs.file_store import FileStore
+from jobs.s3_store import MULTIPART_BYTES, S3Store
 from jobs.store import (
-    MULTIPART_BYTES,
-    FileStore,
     NotFound,
-    S3Store,
     Store,
     get_json,
     open_store,

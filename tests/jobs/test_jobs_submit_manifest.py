@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -152,7 +152,7 @@ def test_a_running_job_counts_rows_of_its_whole_input_and_shards_as_they_finish(
                                 "shards_total": 4, "shards_done": 1}
     assert status["progress"]["eta_seconds"] is not None and status["progress"]["eta_seconds"] >= 0
 
-    started = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    started = datetime(2026, 1, 1, tzinfo=UTC)
     assert eta_seconds(14, 40, started.isoformat(), started + timedelta(seconds=7)) == 13.0
     assert eta_seconds(0, 40, started.isoformat()) is None
     # A retry round's progress covers only the rows it runs again: the counts stay.

@@ -9,7 +9,7 @@ import io
 import json
 import threading
 import uuid
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -158,8 +158,8 @@ def test_a_stale_claim_is_taken_over_and_a_fresh_one_is_respected(client):
     store = client.store
     for name in ("crashed", "busy"):
         store.put_bytes(f"inbox/{name}.parquet", parquet_bytes(2))
-    long_ago = datetime.now(timezone.utc) - timedelta(seconds=inbox.STALE_CLAIM_SECONDS + 60)
-    for name, when in (("crashed", long_ago), ("busy", datetime.now(timezone.utc))):
+    long_ago = datetime.now(UTC) - timedelta(seconds=inbox.STALE_CLAIM_SECONDS + 60)
+    for name, when in (("crashed", long_ago), ("busy", datetime.now(UTC))):
         etag = store.etag(f"inbox/{name}.parquet")
         claim = {"source": f"inbox/{name}.parquet", "etag": etag, "state": "claimed",
                  "claimed_at": when.isoformat()}

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from datetime import date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -22,7 +22,7 @@ DAY = date(2026, 3, 14)
 
 def record(job_id: str, shard: int, model: str, day: date, *, rows: int, prompt: int,
            completion: int, busy: float, hourly: float = 3.0):
-    finished = datetime.combine(day, datetime.min.time(), timezone.utc) + timedelta(hours=12)
+    finished = datetime.combine(day, datetime.min.time(), UTC) + timedelta(hours=12)
     return make_usage_record(
         job_id=job_id, shard=shard, model=model, quantization=None, worker="gpu0@host",
         device="cuda:0", rows=rows, prompt_tokens=prompt, completion_tokens=completion,
@@ -83,7 +83,7 @@ def test_a_day_without_usage_gets_an_empty_summary(s3_store_url):
 
 def make_job(store, state: str, *, created_days_ago: float, finished_days_ago: float | None):
     job_id, _ = create_job(store, pa.table({"prompt": ["a", "b"]}), JobSpec(model="m"))
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     job = manifest.load_manifest(store, job_id)
     job.update(state=state, created_at=(now - timedelta(days=created_days_ago)).isoformat(),
                finished_at=None if finished_days_ago is None

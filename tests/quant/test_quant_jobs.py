@@ -6,7 +6,7 @@ quantization (and carry the engine's weight bytes).
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -19,7 +19,7 @@ from jobs.spec import JobSpec
 from jobs.store import open_store
 from jobs.submit import create_job
 from jobs.tables import read_table
-from jobs.usage import BatchFigures, make_usage_record, read_job_usage, write_usage
+from jobs.usage import BatchFigures, job_usage_parts, make_usage_record, write_usage
 from tests.quant.engine_helpers import make_llm
 from tests.worker_processes import running_workers, worker_env
 from workers.client import Client
@@ -72,7 +72,7 @@ def test_gptq_shards_through_the_runner(gptq_int4_model, file_store_url, tmp_pat
 
 def test_usage_record_keeps_weight_bytes(file_store_url):
     store = open_store(file_store_url)
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     job_id = new_job_id()
     fields = dict(job_id=job_id, shard=0, model="m", quantization="int8", worker="w",
                   device="cpu", rows=1, prompt_tokens=3, completion_tokens=4, cached_tokens=0,
@@ -80,7 +80,7 @@ def test_usage_record_keeps_weight_bytes(file_store_url):
                   hourly_usd=0.0)
     write_usage(store, make_usage_record(**fields, weight_bytes=123456))
     day = now.date()
-    [record] = read_job_usage(store, job_id, day, day)
+    [record] = job_usage_parts(store, job_id, day, day).values()
     assert record.weight_bytes == 123456 and record.quantization == "int8"
     assert make_usage_record(**fields).weight_bytes is None  # callers that do not know it
 

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.quant import QuantLinear
-from engine.quant import linear as quant_linear
+from engine.quant import matmul as quant_matmul
 from tests.quant.gptq_packer import FakeGPTQ, make_gptq
 
 K, N = 512, 48  # N % 16 == 0 and K a multiple of 256: every CPU kernel path applies
@@ -90,9 +90,9 @@ def test_casts_activations_to_its_dtype_and_back():
     ],
 )
 def test_dequant_fallback_matches_definition(monkeypatch, bits, n, group_size, no_kernels, dtype):
-    monkeypatch.setattr(quant_linear, "_FALLBACK_CHUNK", 96)  # several chunks, cut mid-group
+    monkeypatch.setattr(quant_matmul, "_FALLBACK_CHUNK", 96)  # several chunks, cut mid-group
     if no_kernels:
-        monkeypatch.setattr(quant_linear, "_has_kernel", lambda op, device: False)
+        monkeypatch.setattr(quant_matmul, "_has_kernel", lambda op, device: False)
     fake = make_gptq(K, n, bits, group_size, act_order=True, sym=False)
     layer = _from_gptq(fake, dtype)
     assert layer.kernel_name == "dequant_chunked"
@@ -211,7 +211,7 @@ def test_int8_op_only_for_groups_of_multiples_of_16(k, group_size):
                                                  (128, True)])
 @pytest.mark.parametrize("rows", [5, 40])  # torch's op below 32 rows, codes matmul above
 def test_int8_kernel_both_paths_match_definition(monkeypatch, group_size, sym, rows):
-    monkeypatch.setattr(quant_linear, "_FALLBACK_CHUNK", 96)  # several slices per group
+    monkeypatch.setattr(quant_matmul, "_FALLBACK_CHUNK", 96)  # several slices per group
     fake = make_gptq(K, N, 8, group_size, act_order=True, sym=sym)
     layer = _from_gptq(fake, torch.bfloat16)
     assert layer.kernel_name == "int8_weight_only"

@@ -13,12 +13,13 @@ import torch
 from jobs import keys, manifest
 from jobs.errors import UserError
 from jobs.faults import is_out_of_memory, is_transient
+from jobs.file_store import FileStore
 from jobs.finalize import finalize_if_complete, finalize_job, record_shard_failure
 from jobs.outcomes import count_failed, list_outcomes, merge_errors, transient_ids
 from jobs.results import merge_results
 from jobs.retry import plan_retry, start_retry
 from jobs.spec import JobSpec
-from jobs.store import FileStore, open_store
+from jobs.store import open_store
 from jobs.submit import create_job
 from jobs.tables import put_table
 
