@@ -163,6 +163,8 @@ def cmd_errors(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(table.to_pylist())
         return EXIT_OK
+    if not table.num_rows:
+        print(f"job {job.id} has no failed rows", file=sys.stderr)
     id_column = table.column_names[0]
     for row in table.to_pylist():
         print(f"{row[id_column]}\t{row['error_kind']}\t{row['error']}")

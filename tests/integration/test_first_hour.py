@@ -242,6 +242,9 @@ def test_jobs_lists_by_state_and_limit_and_delete_refuses_running_jobs(tmp_path,
     queued = json.loads(cli("jobs", "--state", "queued", "--json", env=env).stdout)
     assert [job["job_id"] for job in queued] == ids[:0:-1]
     assert cli("jobs", "--state", "nonsense", env=env).returncode == 2
+    none_failed = cli("errors", ids[1], env=env)
+    assert none_failed.stdout == ""
+    assert none_failed.stderr.startswith(f"job {ids[1]} has no failed rows\n")
     refused = cli("delete", ids[1], env=env)
     assert refused.returncode == 2
     assert refused.stderr == (f"batchinfer: error: job {ids[1]} is queued; cancel it "
