@@ -1,4 +1,4 @@
-# Two commands for a fresh Debian/Ubuntu machine with Python 3.10+:
+# Two commands for a fresh Debian/Ubuntu machine with Python 3.11+:
 #   make demo   set up .venv and run a whole batch job on embedded defaults
 #   make test   set up .venv (with the dev tools) and the test servers, run the tests
 PYTHON ?= python3

@@ -211,7 +211,6 @@ class LLM:
             "occupancy": counters["scheduled_seqs"] / (steps * config.max_num_seqs),
             "mean_tokens_per_step": counters["scheduled_tokens"] / steps,
             "token_budget_fill": counters["scheduled_tokens"] / (steps * config.max_num_batched_tokens),
-            "mean_batch_fill": counters["scheduled_tokens"] / (steps * config.max_num_batched_tokens),  # TEMP: bench
             "kv_blocks_used": self.block_manager.num_used_blocks,
             "kv_blocks_total": self.block_manager.num_blocks,
             "preemptions": self.scheduler.num_preemptions,

@@ -55,6 +55,16 @@ def _is_transient_one(error: BaseException) -> bool:
     return isinstance(error, (ConnectionError, TimeoutError))
 
 
+def is_service_failure(error: BaseException) -> bool:
+    """True when the store or the broker failed (unreachable, refusing, misconfigured),
+    as opposed to a bug: a command reports it in one line."""
+    import botocore.exceptions as boto
+    import redis
+
+    return is_transient(error) or isinstance(error, (boto.BotoCoreError, boto.ClientError,
+                                                     redis.RedisError, PermissionError))
+
+
 def is_out_of_memory(error: BaseException) -> bool:
     """True when an engine step failed for want of (GPU or host) memory."""
     if isinstance(error, MemoryError):

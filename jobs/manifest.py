@@ -8,8 +8,9 @@ A cancel is also a marker object, jobs/<id>/cancel.json, which is what shards ch
 manifest write racing the cancel (a shard marking the job running) could otherwise lose it.
 
 Writes are read-modify-write without a lock, so the last writer wins; only the
-submitter, the first shard to start (queued -> running), a cancel request and the
-finalizer write it, and each writes the fields it owns. The manifest never holds
+submitter, the first shard to start (queued -> running), a cancel request, the finalizer
+and a retry (back to queued, or failed if it cannot queue) write it, and each writes the
+fields it owns. The manifest never holds
 secrets: no URLs, no credentials, no environment.
 """
 

@@ -24,7 +24,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from engine import LLM, FinishReason, RequestOutput, SamplingParams
+from engine import LLM, RequestOutput, SamplingParams
 from jobs import keys, limits, settings
 from jobs.faults import is_out_of_memory
 from jobs.input_file import InputLayout, input_layout
@@ -271,7 +271,7 @@ class _ShardRun:
         return []
 
     def _collect(self, position: int, output: RequestOutput) -> None:
-        if FinishReason(output.finish_reason).completed:
+        if output.finish_reason.completed:
             self.outputs[position] = output
             self.tokens_done += output.prompt_tokens + output.completion_tokens
         else:  # the engine failed on this row at run time: worth another try

@@ -1,7 +1,7 @@
 """The Celery app, configured from the environment: `celery -A workers.app worker`.
 
-Celery only moves shard descriptions (job id, shard index, store URL) between machines;
-the work itself lives in `jobs/`.
+Celery only moves shard descriptions (job id, shard index, shard count, store URL, retry
+attempt) between machines; the work itself lives in `jobs/`.
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ from importlib.metadata import PackageNotFoundError, version
 from typing import NoReturn
 
 from jobs.errors import ServiceUnavailable, UserError
+from jobs.faults import is_service_failure
 from jobs.manifest import STATES
 from jobs.settings import mask_secrets
 from jobs.spec import spec_options
@@ -215,6 +216,12 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     except ServiceUnavailable as exc:
         print(f"batchinfer: error: {mask_secrets(str(exc))}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    except Exception as exc:
+        if not is_service_failure(exc):
+            raise  # a bug: its traceback is worth seeing
+        print(f"batchinfer: error: the store or the broker failed: "
+              f"{mask_secrets(f'{type(exc).__name__}: {exc}')}", file=sys.stderr)
         return EXIT_UNAVAILABLE
     except KeyboardInterrupt:
         return 130

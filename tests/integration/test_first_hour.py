@@ -253,3 +253,14 @@ def test_jobs_lists_by_state_and_limit_and_delete_refuses_running_jobs(tmp_path,
     store = open_store(f"file://{tmp_path / 'home'}")
     assert store.list(keys.job_prefix(ids[0])) == []
     assert manifest.load_manifest(store, ids[1])["state"] == "queued"
+
+
+def test_a_store_that_fails_is_one_line_and_exit_4(tmp_path, s3_server):
+    """A bucket that does not exist (a typo in BATCHINFER_STORE_URL): no traceback."""
+    env = embedded_env(tmp_path / "home", BATCHINFER_STORE_URL="s3://no-such-bucket-here/jobs")
+    for command in (["jobs"], ["status", uuid.uuid4().hex]):
+        done = cli(*command, env=env)
+        assert done.returncode == 4, done.stderr
+        [line] = done.stderr.splitlines()
+        assert line.startswith("batchinfer: error: the store or the broker failed: "
+                               "NoSuchBucket: An error occurred (NoSuchBucket)"), line
