@@ -16,7 +16,7 @@ import itertools
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -29,11 +29,12 @@ from jobs import keys, limits, settings
 from jobs.faults import is_out_of_memory
 from jobs.input_file import InputLayout, input_layout
 from jobs.oom_backoff import OomBackoff
-from jobs.outcomes import ERROR_KIND_COLUMN, ErrorKind, list_outcomes, transient_ids
+from jobs.outcomes import ErrorKind, list_outcomes, transient_ids
 from jobs.planner import Shard, plan_shards
 from jobs.progress import write_progress
-from jobs.shard_input import READ_BATCH_ROWS, prompt_text, read_shard_rows, select_rows
-from jobs.spec import ERROR_COLUMN, JobSpec, load_spec, sampling_params
+from jobs.shard_input import read_shard_rows, row_requests, select_rows
+from jobs.shard_tables import errors_table, results_table
+from jobs.spec import JobSpec, load_spec
 from jobs.store import Store
 from jobs.tables import count_rows, put_table
 from jobs.usage import BatchFigures, make_usage_record, write_usage
@@ -150,33 +151,11 @@ class _ShardRun:
         self.start = time.monotonic()
         self.busy_seconds = 0.0
 
-    def _requests(self) -> Iterator[tuple[int, str | None, SamplingParams | None, str | None]]:
-        """(position, prompt, params, error) per row; error set when the row cannot run."""
-        position = 0
-        for batch in self.rows.to_batches(max_chunksize=READ_BATCH_ROWS):
-            texts = batch.column(self.layout.text_column).to_pylist()
-            overrides = {name: batch.column(name).to_pylist()
-                         for name in self.layout.override_columns}
-            for offset, text in enumerate(texts):
-                row_values = {name: values[offset] for name, values in overrides.items()}
-                yield (position, *self._prepare(text, row_values))
-                position += 1
-
-    def _prepare(self, text: Any, overrides: dict[str, Any]
-                 ) -> tuple[str | None, SamplingParams | None, str | None]:
-        try:
-            prompt = prompt_text(text, self.layout, self.llm.tokenizer, self.max_chars)
-        except ValueError as error:
-            return None, None, str(error)
-        try:
-            return prompt, sampling_params(self.spec, overrides), None
-        except ValueError as error:
-            return None, None, f"invalid sampling override: {error}"
-
     def generate(self) -> bool:
         """Stream the rows through the engine; False if cancelled (in-flight rows aborted)."""
         llm, backoff = self.llm, self.backoff
-        requests = self._requests()
+        requests = row_requests(self.rows, self.layout, self.spec, self.llm.tokenizer,
+                                self.max_chars)
         # Rows taken back from the engine after it ran out of memory, to add again first.
         pending: list[tuple[int, str, SamplingParams]] = []
         prepared: dict[int, tuple[str, SamplingParams]] = {}  # in flight, to take back
@@ -333,13 +312,8 @@ class _ShardRun:
         error_positions = sorted(self.errors)
         error_key = keys.error_key(job_id, index, attempt)
         if error_positions:
-            put_table(store, error_key, pa.table({
-                id_column: self._ids(error_positions),
-                ERROR_COLUMN: pa.array([self.errors[p][0] for p in error_positions],
-                                       pa.string()),
-                ERROR_KIND_COLUMN: pa.array([self.errors[p][1] for p in error_positions],
-                                            pa.string()),
-            }))
+            put_table(store, error_key, errors_table(
+                id_column, self._ids(error_positions), [self.errors[p] for p in error_positions]))
         else:  # an earlier try's errors must not be counted with this try's results
             store.delete(error_key)
 
@@ -360,17 +334,10 @@ class _ShardRun:
             hourly_usd=settings.gpu_hourly_usd(), weight_bytes=stats.get("weight_bytes")),
             attempt=attempt)
 
-        columns = {id_column: self._ids(positions)}
-        for name in self.layout.passthrough_columns:
-            columns[name] = self._take(name, positions)
-        columns.update(
-            output=pa.array([o.text for o in outputs], pa.string()),
-            finish_reason=pa.array([o.finish_reason for o in outputs], pa.string()),
-            prompt_tokens=pa.array([o.prompt_tokens for o in outputs], pa.int64()),
-            completion_tokens=pa.array([o.completion_tokens for o in outputs], pa.int64()),
-            cached_tokens=pa.array([o.cached_tokens for o in outputs], pa.int64()),
-        )
-        put_table(store, keys.result_key(job_id, index, attempt), pa.table(columns))
+        passthrough = {name: self._take(name, positions)
+                       for name in self.layout.passthrough_columns}
+        put_table(store, keys.result_key(job_id, index, attempt),
+                  results_table(id_column, self._ids(positions), passthrough, outputs))
         return ShardSummary(index, attempt, rows=self.rows.num_rows, succeeded=len(positions),
                             failed=len(error_positions), prompt_tokens=prompt_tokens,
                             completion_tokens=completion_tokens,

@@ -1,4 +1,4 @@
-"""A shard's rows read from the job's input, and the prompt each row gives.
+"""A shard's rows read from the job's input, and what each row asks of the engine.
 
 Nothing here needs the engine: reading results (which puts a retried shard's rows back in
 input order) reads rows the same way the runner does.
@@ -6,13 +6,16 @@ input order) reads rows the same way the runner does.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from engine.sampling_params import SamplingParams
 from jobs.input_file import InputLayout
 from jobs.planner import Shard, row_group_bounds
+from jobs.spec import JobSpec, sampling_params
 
 READ_BATCH_ROWS = 1024
 
@@ -72,3 +75,34 @@ def prompt_text(value: Any, layout: InputLayout, tokenizer: Any, max_chars: int)
         return tokenizer.apply_chat_template(value, tokenize=False, add_generation_prompt=True)
     except Exception as error:  # the template is the model's code: any failure is this row's
         raise ValueError(f"chat template failed: {error}") from None
+
+
+# (position in the shard, prompt, sampling parameters, error): error is set, and the
+# others None, when the row cannot run.
+RowRequest = tuple[int, str | None, SamplingParams | None, str | None]
+
+
+def row_requests(rows: pa.Table, layout: InputLayout, spec: JobSpec, tokenizer: Any,
+                 max_chars: int) -> Iterator[RowRequest]:
+    """What each row asks of the engine, in order, read a batch of rows at a time."""
+    position = 0
+    for batch in rows.to_batches(max_chunksize=READ_BATCH_ROWS):
+        texts = batch.column(layout.text_column).to_pylist()
+        overrides = {name: batch.column(name).to_pylist() for name in layout.override_columns}
+        for offset, text in enumerate(texts):
+            row_values = {name: values[offset] for name, values in overrides.items()}
+            yield (position, *_prepare(text, row_values, layout, spec, tokenizer, max_chars))
+            position += 1
+
+
+def _prepare(text: Any, overrides: dict[str, Any], layout: InputLayout, spec: JobSpec,
+             tokenizer: Any, max_chars: int
+             ) -> tuple[str | None, SamplingParams | None, str | None]:
+    try:
+        prompt = prompt_text(text, layout, tokenizer, max_chars)
+    except ValueError as error:
+        return None, None, str(error)
+    try:
+        return prompt, sampling_params(spec, overrides), None
+    except ValueError as error:
+        return None, None, f"invalid sampling override: {error}"
