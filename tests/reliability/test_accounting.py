@@ -53,7 +53,7 @@ def test_attempt_keys_round_trip():
     assert keys.failure_key(job_id, 3, 1).endswith("/failures/shard-00003-r001.json")
     for key in (keys.result_key(job_id, 3, 12), keys.error_key(job_id, 3, 12),
                 keys.usage_key(manifest.datetime.now().date(), job_id, 3, 12)):
-        assert keys.part_of_key(key) == (3, 12) and keys.shard_of_key(key) == 3
+        assert keys.part_of_key(key) == (3, 12)
     assert keys.part_of_key(keys.result_key(job_id, 3)) == (3, 0)
     with pytest.raises(ValueError):
         keys.result_key(job_id, 3, keys.MAX_ATTEMPTS)

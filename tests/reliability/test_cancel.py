@@ -58,7 +58,7 @@ def test_cancel_mid_job(tmp_path, redis_server, s3_store_url, tiny_llama, queue)
 
         def running_shard() -> list[int]:
             """A shard of this job holding a lease whose part is not written yet."""
-            done = {keys.shard_of_key(k) for k in client.store.list(results)}
+            done = {keys.part_of_key(k)[0] for k in client.store.list(results)}
             for raw in broker.hvals(LEASES_KEY):
                 lease = json.loads(raw)
                 if lease["job_id"] == job.id and lease["shard_index"] not in done:
@@ -83,7 +83,7 @@ def test_cancel_mid_job(tmp_path, redis_server, s3_store_url, tiny_llama, queue)
 
     status = job.status()
     parts = client.store.list(results)
-    done = sorted(keys.shard_of_key(k) for k in parts)
+    done = sorted(keys.part_of_key(k)[0] for k in parts)
     print(f"\ncancelled with shard {running} running: it stopped {stopped:.1f}s later; "
           f"{len(done)}/{shards} shards had finished")
     assert status["state"] == "cancelled"
@@ -96,7 +96,7 @@ def test_cancel_mid_job(tmp_path, redis_server, s3_store_url, tiny_llama, queue)
     # Every shard after the cancel returned at once without running; no usage beyond the parts.
     assert sum("'cancelled': True" in s for s in ended) == shards - len(done)
     usage = [k for k in client.store.list("usage/") if job.id in k]
-    assert sorted(keys.shard_of_key(k) for k in usage) == done
+    assert sorted(keys.part_of_key(k)[0] for k in usage) == done
     # A second cancel changes nothing.
     again = run_cli("cancel", job.id, env=cli_env)
     assert again.returncode == 0 and again.stdout.strip() == f"job {job.id} cancelled"
