@@ -15,7 +15,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 BENCH = REPO_ROOT / "scripts" / "bench.py"
 SYSTEM_FIELDS = (
     "status", "wall_s", "rows", "prompt_tokens", "useful_tokens", "useful_tok_s", "total_tok_s",
-    "ratio_vs_naive", "mean_batch_fill", "preemptions", "prefix_cache_hit_tokens",
+    "ratio_vs_naive", "mean_batch_fill", "occupancy", "preemptions", "prefix_cache_hit_tokens",
     "peak_rss_mib", "gpu_peak_allocated_mib", "roofline_efficiency_pct",
 )
 
@@ -75,7 +75,7 @@ def test_systems_ran_and_agree_on_useful_tokens(quick_run):
     assert systems["naive"]["ratio_vs_naive"] == pytest.approx(1.0)
     if "engine" in ran:
         engine = ran["engine"]
-        assert 0 < engine["mean_batch_fill"] <= 1
+        assert 0 < engine["mean_batch_fill"] <= 1 and 0 < engine["occupancy"] <= 1
         assert engine["preemptions"] >= 0 and engine["prefix_cache_hit_tokens"] >= 0
         assert engine["roofline_efficiency_pct"] > 0
 

@@ -30,7 +30,9 @@ JSON goes to stdout (or --out FILE), a readable table to stderr. Top-level keys:
 schema, command, config, machine, model, workload, systems{naive,hf-cb,engine[,engine-eager]},
 expected_useful_tokens, useful_tokens_match, roofline, quant[]. A system entry has
 status ("ok" | "skipped" | "error"), note/error, wall_s, rows, prompt_tokens,
-useful_tokens, useful_tok_s, total_tok_s, ratio_vs_naive, mean_batch_fill, preemptions,
+useful_tokens, useful_tok_s, total_tok_s, ratio_vs_naive, occupancy (sequences per step
+over max_num_seqs: "occ" in the table), mean_batch_fill (tokens per step over the token
+budget, which decode steps never fill: "budget" in the table), preemptions,
 prefix_cache_hit_tokens, steps, peak_rss_mib, gpu_peak_allocated_mib,
 gpu_peak_reserved_mib, roofline_bound_s, roofline_efficiency_pct, wall_pct_of_bound.
 

@@ -47,8 +47,11 @@ def engine_stats_delta(before: dict[str, Any], after: dict[str, Any]) -> dict[st
     fill = after.get("token_budget_fill")
     if steps and scheduled is not None and budget:
         fill = scheduled / (steps * budget)
+    seqs, slots = delta("scheduled_seqs"), after.get("max_num_seqs")
+    occupancy = seqs / (steps * slots) if steps and seqs is not None and slots else None
     return {
-        "steps": steps, "mean_batch_fill": fill, "preemptions": delta("preemptions"),
+        "steps": steps, "mean_batch_fill": fill, "occupancy": occupancy,
+        "preemptions": delta("preemptions"),
         "prefix_cache_hit_tokens": delta("prefix_cache_hit_tokens"),
         "weight_bytes": after.get("weight_bytes"), "kv_blocks_total": after.get("kv_blocks_total"),
         "engine_stats": after,

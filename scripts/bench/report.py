@@ -87,6 +87,7 @@ def finish_system(entry: dict[str, Any], work: Workload, naive_rate: float | Non
         roofline_efficiency_pct=r(100 * bound / wall, 2) if bound else None,
         wall_pct_of_bound=r(100 * wall / bound, 1) if bound else None,
         mean_batch_fill=r(entry.get("mean_batch_fill"), 4),
+        occupancy=r(entry.get("occupancy"), 4),
     )
     for key in ("preemptions", "prefix_cache_hit_tokens", "steps"):
         entry.setdefault(key, None)
@@ -130,7 +131,7 @@ def print_table(report: dict[str, Any]) -> None:
         f"on {cfg['device']}  rows {work['rows']}  prompt tokens {work['prompt_tokens']}  "
         f"useful tokens {report['expected_useful_tokens']}")
     head = (f"{'system':<16}{'status':>8}{'wall s':>9}{'useful/s':>10}{'total/s':>10}"
-            f"{'x naive':>8}{'fill':>6}{'RSS MiB':>9}{'GPU MiB':>9}{'preempt':>8}"
+            f"{'x naive':>8}{'occ':>6}{'budget':>7}{'RSS MiB':>9}{'GPU MiB':>9}{'preempt':>8}"
             f"{'prefix':>8}{'roof%':>7}")
     log(head)
     log("-" * len(head))
@@ -139,7 +140,8 @@ def print_table(report: dict[str, Any]) -> None:
     for name, e in rows:
         log(f"{name:<16}{e.get('status', '?'):>8}{fmt(e.get('wall_s'), '.2f'):>9}"
             f"{fmt(e.get('useful_tok_s')):>10}{fmt(e.get('total_tok_s')):>10}"
-            f"{fmt(e.get('ratio_vs_naive'), '.2f'):>8}{fmt(e.get('mean_batch_fill'), '.3f'):>6}"
+            f"{fmt(e.get('ratio_vs_naive'), '.2f'):>8}{fmt(e.get('occupancy'), '.3f'):>6}"
+            f"{fmt(e.get('mean_batch_fill'), '.3f'):>7}"
             f"{fmt(e.get('peak_rss_mib'), '.0f'):>9}{fmt(e.get('gpu_peak_reserved_mib'), '.0f'):>9}"
             f"{fmt(e.get('preemptions'), 'd'):>8}{fmt(e.get('prefix_cache_hit_tokens'), 'd'):>8}"
             f"{fmt(e.get('roofline_efficiency_pct')):>7}")
