@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from scripts.make_tiny_model import make_tiny_model
+from engine.random_model import make_tiny_model
 from tests.servers import MotoS3Server, RedisServer, log_tail
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

@@ -16,6 +16,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from engine.random_model import make_tiny_model
 from jobs import settings
 from jobs.manifest import JobState
 from workers.client import Client
@@ -48,8 +49,7 @@ def demo_model(home: Path) -> Path:
     if not (folder / "config.json").is_file():
         print("stories260K not found: building a random-weight model (its text is noise)",
               file=sys.stderr)
-        subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "make_tiny_model.py"),
-                        str(folder)], check=True, stdout=subprocess.DEVNULL)
+        make_tiny_model(folder)
     return folder
 
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import scripts.bench
 from engine.quant.scheme import parse_rtn
-from scripts.make_tiny_model import ARCHITECTURES, SHAPES
+from engine.random_model import ARCHITECTURES, SHAPES
 
 SYSTEMS = ("naive", "hf-cb", "engine", "engine-eager")
 DEFAULT_SYSTEMS = ["naive", "hf-cb", "engine"]

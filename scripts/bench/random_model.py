@@ -16,9 +16,9 @@ from typing import Any
 
 import torch
 
+from engine.random_model import SHAPES, make_tiny_model
 from scripts.bench import log
 from scripts.bench.child import run_child
-from scripts.make_tiny_model import SHAPES, make_tiny_model
 
 
 def context_needed(args: argparse.Namespace) -> int:

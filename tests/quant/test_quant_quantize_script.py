@@ -14,8 +14,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from engine.random_model import _corpus
 from scripts import quantize
-from scripts.make_tiny_model import _corpus
 from tests.quant.engine_helpers import final_logits, make_llm
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
