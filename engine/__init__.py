@@ -12,17 +12,24 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from engine.engine_config import EngineConfig
     from engine.llm import LLM
-    from engine.outputs import FinishReason, RequestOutput
+    from engine.outputs import CompletionOutput, FinishReason, Logprob, RequestOutput
     from engine.sampling_params import SamplingParams
+    from engine.structured.params import StructuredOutputsParams
 
-__all__ = ["LLM", "EngineConfig", "FinishReason", "RequestOutput", "SamplingParams"]
+__all__ = [
+    "LLM", "CompletionOutput", "EngineConfig", "FinishReason", "Logprob", "RequestOutput",
+    "SamplingParams", "StructuredOutputsParams",
+]
 
 _MODULES = {
     "LLM": "engine.llm",
     "EngineConfig": "engine.engine_config",
+    "CompletionOutput": "engine.outputs",
     "FinishReason": "engine.outputs",
+    "Logprob": "engine.outputs",
     "RequestOutput": "engine.outputs",
     "SamplingParams": "engine.sampling_params",
+    "StructuredOutputsParams": "engine.structured.params",
 }
 
 

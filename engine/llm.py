@@ -16,6 +16,7 @@ from engine.device import auto_kv_cache_bytes, parse_memory_size, resolve_device
 from engine.engine_config import EngineConfig
 from engine.fetch import local_model_dir
 from engine.loader import load_model
+from engine.logprobs import TokenTexts
 from engine.model_runner import ModelRunner, kv_cache_bytes_per_block
 from engine.outputs import FinishReason, RequestOutput
 from engine.quant.linear import QuantLinear
@@ -24,6 +25,7 @@ from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
 from engine.sequence import Sequence
 from engine.stopping import IncrementalDetokenizer, check_finished
+from engine.structured.decoding import ConstrainedDecoding
 
 
 class LLM:
@@ -152,6 +154,7 @@ class LLM:
             generator = torch.Generator(device=self.device).manual_seed(params.seed)
         detokenizer = IncrementalDetokenizer(self.tokenizer, prompt_ids)
         seq = Sequence(request_id, prompt_ids, params, generator, detokenizer)
+        seq.structured = self._constrained.matcher(params.structured_outputs)
         self._requests[request_id] = seq
         self.scheduler.add(seq)
         self._counters["prompt_tokens"] += len(prompt_ids)
@@ -164,18 +167,27 @@ class LLM:
         batch = self.scheduler.schedule()
         if not batch.seqs:
             raise RuntimeError("scheduler made no progress with requests pending")
-        sampled = self.runner.run(batch)
+        output = self.runner.run(batch, self._token_text, self._constrained)
         for seq, num_new in zip(batch.seqs, batch.num_new_tokens, strict=True):
             seq.num_computed_tokens += num_new
             self.block_manager.register_full_blocks(seq)
-        for seq, token_id in sampled.items():
-            reason = check_finished(seq, token_id, self._eos_token_ids, self._max_seq_len)
+        for seq, scored in output.prompt_logprobs.items():
+            seq.prompt_logprobs.extend(scored)
+        for seq, token_id in output.tokens.items():
+            if seq.logprobs is not None:
+                seq.logprobs.append(output.logprobs[seq])
+            reason = (self._constrained.advance(seq.structured, token_id)
+                      if seq.structured is not None else None)
+            reason = reason or check_finished(seq, token_id, self._eos_token_ids,
+                                              self._max_seq_len)
+            if reason is None and seq.structured is not None and seq.structured.is_terminated():
+                reason = FinishReason.STOP  # complete, and only EOS could follow
             if reason is not None:
                 finished.append(self._finish(seq, reason))
         self._counters["steps"] += 1
         self._counters["scheduled_tokens"] += batch.num_tokens
         self._counters["scheduled_seqs"] += len(batch.seqs)
-        self._counters["generated_tokens"] += len(sampled)
+        self._counters["generated_tokens"] += len(output.tokens)
         self._counters["kv_blocks_peak"] = max(
             self._counters["kv_blocks_peak"], self.block_manager.num_used_blocks
         )
@@ -252,20 +264,14 @@ class LLM:
     def _finish(self, seq: Sequence, reason: FinishReason) -> RequestOutput:
         self.scheduler.finish(seq)
         del self._requests[seq.request_id]
-        text = seq.stop_string_text
-        if text is None:
-            seq.detokenizer.flush()
-            text = seq.detokenizer.text
         return RequestOutput(
             request_id=seq.request_id,
             prompt_token_ids=seq.prompt_token_ids,
-            token_ids=seq.output_token_ids,
-            text=text,
-            finish_reason=reason,
+            outputs=[seq.completion_output(reason)],
             error=None,
             prompt_tokens=seq.num_prompt_tokens,
-            completion_tokens=seq.num_output_tokens,
             cached_tokens=seq.cached_tokens or 0,
+            prompt_logprobs=seq.prompt_logprobs,
         )
 
     def _load(self, requested: EngineConfig) -> EngineConfig:
@@ -276,6 +282,7 @@ class LLM:
         self.quant_scheme = resolve_quantization(requested.quantization, model_dir)
         resolved = self._resolve(requested)
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self._token_text = TokenTexts(self.tokenizer)  # Logprob.decoded_token
         self.model = load_model(
             self.config, model_dir, resolved.dtype, resolved.device, self.quant_scheme
         )
@@ -344,6 +351,9 @@ class LLM:
         self.runner = ModelRunner(
             self.model, config, num_blocks,
             decode_graphs=config.device.type == "cuda" and not config.enforce_eager,
+        )
+        self._constrained = ConstrainedDecoding(
+            self.tokenizer, self.config.vocab_size, self._eos_token_ids, config.max_num_seqs
         )
 
     def _weight_bytes(self) -> int:

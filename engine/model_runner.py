@@ -1,6 +1,8 @@
-"""Turns a scheduled batch into tensors, runs the model over it and samples."""
+"""Turns a scheduled batch into tensors, runs the model over it, samples and scores."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -8,10 +10,14 @@ from engine import kernels
 from engine.attention_metadata import Workspace, build_attention_metadata
 from engine.cuda_graphs import DecodeGraphs
 from engine.engine_config import EngineConfig
+from engine.logprobs import TokenText, logprob_dicts
 from engine.model import CausalLM
+from engine.outputs import Logprob
+from engine.penalties import apply_penalties
 from engine.sampler import Sampler
 from engine.scheduler import ScheduledBatch
 from engine.sequence import Sequence
+from engine.structured.decoding import ConstrainedDecoding
 
 
 def kv_cache_bytes_per_block(model: CausalLM, block_size: int, dtype: torch.dtype) -> int:
@@ -61,44 +67,55 @@ class ModelRunner:
             if config.device.type != "cuda" or graphs.capture():
                 self.graphs = graphs
 
-    def run(self, batch: ScheduledBatch) -> dict[Sequence, int]:
+    def run(self, batch: ScheduledBatch, token_text: TokenText,
+            constrained: ConstrainedDecoding) -> StepOutput:
         """Compute the batch's tokens; sample the next token of every sequence whose
-        known tokens are all computed after this step (partial prompt chunks sample nothing)."""
-        input_ids: list[int] = []
-        positions: list[int] = []
-        logits_rows: list[int] = []
-        sampled: list[Sequence] = []
-        for seq, num_new in zip(batch.seqs, batch.num_new_tokens, strict=True):
-            start = seq.num_computed_tokens
-            input_ids.extend(seq.token_ids[start : start + num_new])
-            positions.extend(range(start, start + num_new))
-            if start + num_new == seq.num_tokens:
-                logits_rows.append(len(input_ids) - 1)
-                sampled.append(seq)
-        positions_cpu = torch.tensor(positions, dtype=torch.int64)
-        ids_cpu = torch.tensor(input_ids, dtype=torch.int64)
-        rows_cpu = torch.tensor(logits_rows, dtype=torch.int64)
+        known tokens are all computed after this step (partial prompt chunks sample
+        nothing), and score what the sequences ask logprobs of (token_text spells the
+        reported tokens)."""
+        inputs = _StepInputs(batch)
         replays = self._replays(batch)
         # A replayed step copies its metadata into the graphs' buffers: built on the CPU.
         meta = build_attention_metadata(
-            positions_cpu, batch.num_new_tokens, [seq.block_table for seq in batch.seqs],
+            inputs.positions, batch.num_new_tokens, [seq.block_table for seq in batch.seqs],
             self.block_size, self.windows, torch.device("cpu") if replays else self.device,
             self.workspace, self.decode_kernel,
         )
+        # Rows of the sampled sequences' last tokens, then of scored prompt positions.
+        rows = torch.tensor(inputs.sample_rows + inputs.prompt_rows, dtype=torch.int64)
         if replays:
             assert self.graphs is not None
-            logits = self.graphs.run(ids_cpu, positions_cpu, meta)[rows_cpu.to(self.device)]
+            logits = self.graphs.run(inputs.input_ids, inputs.positions, meta)[
+                rows.to(self.device)
+            ]
         else:
             logits = self.model(
-                ids_cpu.to(self.device), positions_cpu.to(self.device), meta,
-                rows_cpu.to(self.device),
+                inputs.input_ids.to(self.device), inputs.positions.to(self.device), meta,
+                rows.to(self.device),
             )
+        sampled = inputs.sampled
+        output = StepOutput({}, {}, {})
+        if inputs.prompt_rows:
+            output.prompt_logprobs = inputs.score_prompts(logits[len(sampled) :], token_text)
         if not sampled:
-            return {}
-        tokens = self.sampler(
-            logits, [seq.params for seq in sampled], [seq.generator for seq in sampled]
+            return output
+        sample_logits = logits[: len(sampled)]
+        logits_to_sample = constrained.mask(sample_logits, apply_penalties(sample_logits, sampled),
+                                            [seq.structured for seq in sampled])
+        tokens = self.sampler.sample(
+            logits_to_sample, [seq.params for seq in sampled],
+            [seq.generator for seq in sampled],
         )
-        return dict(zip(sampled, tokens, strict=True))
+        asking = [i for i, seq in enumerate(sampled) if seq.params.logprobs is not None]
+        if asking:
+            index = torch.tensor(asking, device=self.device)
+            dicts = logprob_dicts(
+                sample_logits[index], tokens[index],
+                [sampled[i].params.logprobs for i in asking], token_text,
+            )
+            output.logprobs = {sampled[i]: entry for i, entry in zip(asking, dicts, strict=True)}
+        output.tokens = dict(zip(sampled, tokens.tolist(), strict=True))
+        return output
 
     def _replays(self, batch: ScheduledBatch) -> bool:
         """Whether this step goes through the decode graphs: every sequence decodes."""
@@ -107,3 +124,58 @@ class ModelRunner:
             and len(batch.seqs) <= self.graphs.max_batch
             and all(num_new == 1 for num_new in batch.num_new_tokens)
         )
+
+
+@dataclass
+class StepOutput:
+    tokens: dict[Sequence, int]  # the next token of each sequence that sampled one
+    logprobs: dict[Sequence, dict[int, Logprob]]  # that token's, for sequences that ask
+    # The prompt tokens scored in this step, in order, for sequences that ask.
+    prompt_logprobs: dict[Sequence, list[dict[int, Logprob]]]
+
+
+class _StepInputs:
+    """A batch as flat token rows: ids and positions, which rows are sampled, and which
+    prompt positions are scored for prompt logprobs (only those of requests that ask
+    and not scored before: a preempted prompt is recomputed, not scored again)."""
+
+    def __init__(self, batch: ScheduledBatch) -> None:
+        input_ids: list[int] = []
+        positions: list[int] = []
+        self.sample_rows: list[int] = []
+        self.sampled: list[Sequence] = []
+        self.prompt_rows: list[int] = []
+        self.prompt_targets: list[int] = []  # the prompt token each of those rows scores
+        self.prompt_spans: list[tuple[Sequence, int]] = []  # whose, how many rows each
+        for seq, num_new in zip(batch.seqs, batch.num_new_tokens, strict=True):
+            start = seq.num_computed_tokens
+            if seq.prompt_logprobs_pending:
+                # Position p's logits score token p + 1, up to the prompt's last token.
+                assert seq.prompt_logprobs is not None
+                first = max(start, len(seq.prompt_logprobs) - 1)
+                end = min(start + num_new, seq.num_prompt_tokens - 1)
+                if first < end:
+                    row = len(input_ids) - start
+                    self.prompt_rows.extend(range(row + first, row + end))
+                    self.prompt_targets.extend(seq.token_ids[first + 1 : end + 1])
+                    self.prompt_spans.append((seq, end - first))
+            input_ids.extend(seq.token_ids[start : start + num_new])
+            positions.extend(range(start, start + num_new))
+            if start + num_new == seq.num_tokens:
+                self.sample_rows.append(len(input_ids) - 1)
+                self.sampled.append(seq)
+        self.input_ids = torch.tensor(input_ids, dtype=torch.int64)
+        self.positions = torch.tensor(positions, dtype=torch.int64)
+
+    def score_prompts(
+        self, logits: torch.Tensor, token_text: TokenText
+    ) -> dict[Sequence, list[dict[int, Logprob]]]:
+        """logits: [len(prompt_rows), vocab], the prompt rows' raw logits."""
+        num_top = [seq.params.prompt_logprobs for seq, n in self.prompt_spans for _ in range(n)]
+        targets = torch.tensor(self.prompt_targets, dtype=torch.int64, device=logits.device)
+        dicts = logprob_dicts(logits, targets, num_top, token_text)
+        scored, start = {}, 0
+        for seq, count in self.prompt_spans:
+            scored[seq] = dicts[start : start + count]
+            start += count
+        return scored

@@ -1,4 +1,4 @@
-"""Next-token choice for a batch of sequences: greedy, temperature, top-k, top-p.
+"""Next-token choice for a batch of sequences: greedy, temperature, min-p, top-k, top-p.
 
 All probability math is in float32. A sampled row draws one uniform variate u and takes
 the token where the running sum of probabilities passes u times their total (inverse
@@ -11,6 +11,10 @@ they hold the whole top-k set and, for top-p, the whole nucleus whenever their m
 reaches top_p, as a trained model's next-token distribution usually does. Rows whose
 nucleus reaches past them (flat distributions, high temperatures) are redone over the
 whole vocabulary, with the same result either way.
+
+Min-p (vLLM's order: after temperature, before top-k and top-p) zeroes the probabilities
+below min_p times the row's largest; the rest need no renormalising, as both the inverse
+CDF and the nucleus are taken relative to the mass that is left.
 
 Both choices keep sampling cheap at hundreds of rows over a large vocabulary: one variate
 per row (an exponential race, argmax of p / E, would draw one per vocabulary entry), and a
@@ -40,6 +44,15 @@ class Sampler:
         generators: list[torch.Generator | None],
     ) -> list[int]:
         """logits: [N, vocab] float32, one row per sequence -> N token ids."""
+        return self.sample(logits, params, generators).tolist()
+
+    def sample(
+        self,
+        logits: torch.Tensor,
+        params: list[SamplingParams],
+        generators: list[torch.Generator | None],
+    ) -> torch.Tensor:
+        """As calling the sampler, the token ids left on the logits' device ([N] int64)."""
         tokens = torch.empty(len(params), dtype=torch.int64, device=logits.device)
         greedy_rows = [i for i, p in enumerate(params) if p.greedy]
         sampled_rows = [i for i, p in enumerate(params) if not p.greedy]
@@ -51,7 +64,7 @@ class Sampler:
                 [params[i] for i in sampled_rows],
                 self._uniforms([generators[i] for i in sampled_rows]),
             )
-        return tokens.tolist()
+        return tokens
 
     def _uniforms(self, generators: list[torch.Generator | None]) -> torch.Tensor:
         """One variate in [0, 1) per row, from the row's own generator where it has one."""
@@ -72,6 +85,9 @@ class Sampler:
         device = logits.device
         temperatures = torch.tensor([p.temperature for p in params], device=device)
         probs = torch.softmax(logits / temperatures[:, None], dim=-1)
+        if any(p.min_p > 0 for p in params):
+            min_p = torch.tensor([p.min_p for p in params], device=device)
+            probs = probs.masked_fill(probs < min_p[:, None] * probs.amax(-1, keepdim=True), 0.0)
         vocab = probs.shape[-1]
         tokens = torch.empty(len(params), dtype=torch.int64, device=device)
 

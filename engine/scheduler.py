@@ -110,7 +110,9 @@ class Scheduler:
         budget = self.max_num_batched_tokens - batch.num_tokens
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            cached_blocks = manager.find_cached_prefix(seq)
+            # Prompt logprobs need the logits of every prompt position: such a prompt is
+            # computed whole (as in vLLM), though its blocks still go to the cache.
+            cached_blocks = [] if seq.prompt_logprobs_pending else manager.find_cached_prefix(seq)
             num_cached = len(cached_blocks) * manager.block_size
             num_new = min(seq.num_tokens - num_cached, budget)
             num_new_blocks = -(-(num_cached + num_new) // manager.block_size) - len(cached_blocks)

@@ -6,8 +6,10 @@ import enum
 
 import torch
 
+from engine.outputs import CompletionOutput, FinishReason, PromptLogprobs, SampleLogprobs
 from engine.sampling_params import SamplingParams
 from engine.stopping import IncrementalDetokenizer
+from engine.structured.compiler import StructuredMatcher
 
 
 class SequenceStatus(enum.Enum):
@@ -40,7 +42,16 @@ class Sequence:
         self.cached_tokens: int | None = None  # prompt tokens served by the cache at admission
         self.generator = generator  # per-request RNG when a seed is given
         self.detokenizer = detokenizer  # the generated text, decoded after the prompt's
+        # The grammar's state for a request with structured_outputs (set by the engine).
+        self.structured: StructuredMatcher | None = None
         self.stop_string_text: str | None = None  # the output text when a stop string hit
+        # One entry per sampled token (the last may be an EOS that is not output); None
+        # when not asked for.
+        self.logprobs: SampleLogprobs | None = None if params.logprobs is None else []
+        # None for the first prompt token, then one entry per scored prompt token.
+        self.prompt_logprobs: PromptLogprobs | None = (
+            None if params.prompt_logprobs is None else [None]
+        )
 
     @property
     def num_tokens(self) -> int:
@@ -62,3 +73,24 @@ class Sequence:
     def is_decoding(self) -> bool:
         """Everything but the last sampled token is cached: one new token per step."""
         return self.num_uncomputed_tokens == 1 and self.num_output_tokens > 0
+
+    @property
+    def prompt_logprobs_pending(self) -> bool:
+        """Prompt logprobs are asked for and some prompt tokens are not scored yet."""
+        scored = self.prompt_logprobs
+        return scored is not None and len(scored) < self.num_prompt_tokens
+
+    def completion_output(self, reason: FinishReason) -> CompletionOutput:
+        """What this sequence produced, for its request's output."""
+        text = self.stop_string_text
+        if text is None:
+            self.detokenizer.flush()
+            text = self.detokenizer.text
+        token_ids = self.output_token_ids
+        logprobs, cumulative = self.logprobs, None
+        if logprobs is not None:
+            logprobs = logprobs[: len(token_ids)]  # less a final EOS / stop token id's
+            cumulative = sum(
+                (entry[t].logprob for t, entry in zip(token_ids, logprobs, strict=True)), 0.0
+            )
+        return CompletionOutput(0, text, token_ids, cumulative, logprobs, reason)

@@ -112,11 +112,17 @@ def _grammar_of(kind: str, text: str) -> str:
         else:  # GBNF is converted to Lark; Lark passes as it is
             grammar = llguidance.grammar_from("grammar", text)
     except ValueError as exc:
-        raise ValueError(f"structured outputs {kind}: {exc}") from None
+        raise ValueError(f"structured outputs {kind}: {_one_line(str(exc))}") from None
     is_error, messages = matcher.validate_grammar_with_warnings(grammar)
     if is_error:
-        raise ValueError(f"structured outputs {kind}: {messages[0].strip()}")
+        raise ValueError(f"structured outputs {kind}: {_one_line(messages[0])}")
     return grammar
+
+
+def _one_line(message: str) -> str:
+    """llguidance's message without its multi-line source excerpt: the reason is one line
+    in an errors file and on a command line."""
+    return " ".join(message.split())
 
 
 # Where JSON Schema keeps subschemas: one, a list of them, or a map of names to them.

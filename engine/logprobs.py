@@ -1,0 +1,73 @@
+"""Log-probabilities of sampled and prompt tokens, as vLLM reports them.
+
+Raw values: the log-softmax of the model's logits, before penalties, temperature and any
+truncation or mask (vLLM's default logprobs mode). Only the rows that ask are scored, on
+the device, a slice of rows at a time; then one copy to the host, and the dicts vLLM
+hands out.
+
+A rank counts the tokens at least as likely as the scored one (vLLM's `>=` count), so
+the most likely token has rank 1; the top K have ranks 1..K by position.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from engine.outputs import Logprob
+
+# Logits scored at a time (rows x vocabulary): temporaries of at most 16 MiB, not of a
+# whole prompt chunk of thousands of rows. Below glibc's 32 MiB mmap ceiling they are also
+# served from the heap, where larger ones would page-fault afresh every step on CPUs.
+ELEMENTS_PER_PASS = 1 << 22
+
+TokenText = Mapping[int, str]  # a token id's Logprob.decoded_token (TokenTexts)
+
+
+class TokenTexts(dict[int, str]):
+    """Token id -> the token as the vocabulary spells it, as vLLM's Logprob.decoded_token
+    (convert_ids_to_tokens; "" past the tokenizer's vocabulary), looked up once per id:
+    a step reports a few tokens for each of hundreds of sequences."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        super().__init__()
+        self._tokenizer = tokenizer
+
+    def __missing__(self, token_id: int) -> str:
+        text = self[token_id] = self._tokenizer.convert_ids_to_tokens(token_id) or ""
+        return text
+
+
+def logprob_dicts(
+    logits: torch.Tensor, token_ids: torch.Tensor, num_top: list[int], token_text: TokenText
+) -> list[dict[int, Logprob]]:
+    """Per row of raw logits [R, vocab]: {token id: Logprob} for token_ids[row] ([R], on
+    the logits' device) and the row's num_top[row] most likely tokens (vLLM's order: the
+    scored token first)."""
+    widest = max(num_top)
+    rows_per_pass = max(1, ELEMENTS_PER_PASS // logits.shape[-1])
+    values, ints = [], []
+    for start in range(0, len(num_top), rows_per_pass):
+        logprobs = logits[start : start + rows_per_pass].log_softmax(dim=-1)
+        targets = token_ids[start : start + rows_per_pass, None]
+        target_logprobs = logprobs.gather(1, targets)
+        # An int32 sum: a bool tensor summed to int64 takes a slow path on CPUs (8x).
+        ranks = (logprobs >= target_logprobs).sum(dim=-1, keepdim=True, dtype=torch.int32)
+        top_logprobs, top_ids = logprobs.topk(widest, dim=-1)
+        values.append(torch.cat([target_logprobs, top_logprobs], dim=1))
+        ints.append(torch.cat([targets, ranks.to(torch.int64), top_ids], dim=1))
+    # One copy each to the host for the whole batch.
+    value_rows = torch.cat(values).tolist()
+    int_rows = torch.cat(ints).tolist()
+    dicts = []
+    for k, row_values, row_ints in zip(num_top, value_rows, int_rows, strict=True):
+        token_id = row_ints[0]
+        entry = {token_id: Logprob(row_values[0], row_ints[1], token_text[token_id])}
+        # The scored token, if among the top, takes its place's rank (as in vLLM).
+        for rank in range(1, k + 1):
+            top_id = row_ints[rank + 1]
+            entry[top_id] = Logprob(row_values[rank], rank, token_text[top_id])
+        dicts.append(entry)
+    return dicts
