@@ -110,7 +110,11 @@ def input_layout(schema: pa.Schema, spec: JobSpec) -> InputLayout:
     overrides = tuple(n for n in OVERRIDE_COLUMNS if n in names and n != text)
     for name in overrides:
         column_type = schema.field(name).type
-        if name == "stop":
+        if name == "response_format":
+            if not _is_string(column_type):
+                raise UserError(f"column 'response_format' (per-row response format, OpenAI's "
+                                f"JSON as text) must be string, got {column_type}")
+        elif name == "stop":
             if not (_is_string(column_type) or (_is_list(column_type)
                                                 and _is_string(column_type.value_type))):
                 raise UserError(f"column 'stop' (per-row stop strings) must be string or "
@@ -118,7 +122,9 @@ def input_layout(schema: pa.Schema, spec: JobSpec) -> InputLayout:
         elif not _is_numeric(column_type):
             raise UserError(f"column {name!r} (per-row {name}) must be numeric, got {column_type}")
 
-    passthrough = tuple(n for n in names if n not in (text, id_column))
+    # A per-row logprobs (or prompt_logprobs) count is consumed: its name is a result column.
+    passthrough = tuple(n for n in names if n not in (text, id_column)
+                        and not (n in overrides and n in RESULT_COLUMNS))
     clashes = [n for n in passthrough if n in RESULT_COLUMNS]
     if clashes:
         raise UserError(f"input column(s) {', '.join(clashes)} would clash with result columns "

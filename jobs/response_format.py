@@ -19,6 +19,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from jobs.errors import UserError
+
 # What json_object asks for, as a schema the grammar backends compile like any other.
 ANY_JSON_OBJECT: dict[str, Any] = {"type": "object"}
 
@@ -61,14 +63,15 @@ def parse_response_format(value: Any) -> dict[str, Any] | None:
 
 
 def read_response_format_file(path: str) -> dict[str, Any]:
-    """The --response-format FILE.json flag: the file's JSON object (checked as above)."""
+    """The --response-format FILE.json flag: the file's JSON object (checked as above);
+    UserError, one line, when it cannot be read or is not a response format."""
     try:
         text = Path(path).read_text()
     except OSError as error:
-        raise ValueError(f"cannot read response format file {path}: {error.strerror}") from None
+        raise UserError(f"cannot read response format file {path}: {error.strerror}") from None
     try:
         value = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise ValueError(f"response format file {path} is not valid JSON: {error}") from None
-    parse_response_format(value)
+        parse_response_format(value)
+    except (json.JSONDecodeError, ValueError) as error:
+        raise UserError(f"response format file {path}: {error}") from None
     return value

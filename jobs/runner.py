@@ -33,7 +33,7 @@ from jobs.outcomes import ErrorKind, list_outcomes, transient_ids
 from jobs.planner import Shard, plan_shards
 from jobs.progress import write_progress
 from jobs.shard_input import read_shard_rows, row_requests, select_rows
-from jobs.shard_tables import errors_table, results_table
+from jobs.shard_tables import errors_part, results_part
 from jobs.spec import JobSpec, load_spec
 from jobs.store import Store
 from jobs.tables import count_rows, put_table
@@ -312,7 +312,7 @@ class _ShardRun:
         error_positions = sorted(self.errors)
         error_key = keys.error_key(job_id, index, attempt)
         if error_positions:
-            put_table(store, error_key, errors_table(
+            put_table(store, error_key, errors_part(
                 id_column, self._ids(error_positions), [self.errors[p] for p in error_positions]))
         else:  # an earlier try's errors must not be counted with this try's results
             store.delete(error_key)
@@ -336,8 +336,12 @@ class _ShardRun:
 
         passthrough = {name: self._take(name, positions)
                        for name in self.layout.passthrough_columns}
+        asked = {name: getattr(self.spec, name) is not None
+                 or name in self.layout.override_columns
+                 for name in ("logprobs", "prompt_logprobs")}
         put_table(store, keys.result_key(job_id, index, attempt),
-                  results_table(id_column, self._ids(positions), passthrough, outputs))
+                  results_part(id_column, self._ids(positions), passthrough, outputs,
+                                **asked))
         return ShardSummary(index, attempt, rows=self.rows.num_rows, succeeded=len(positions),
                             failed=len(error_positions), prompt_tokens=prompt_tokens,
                             completion_tokens=completion_tokens,

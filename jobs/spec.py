@@ -12,17 +12,22 @@ from dataclasses import MISSING, dataclass, field
 from typing import Any
 
 from engine.sampling_params import SamplingParams
+from engine.structured.params import StructuredOutputsParams
 from jobs import keys, limits
 from jobs.errors import UserError
+from jobs.response_format import parse_response_format, read_response_format_file
 from jobs.store import NotFound, Store, get_json, put_json
 
 # Per-row columns that override the spec's sampling defaults when present and not null.
-INTEGER_OVERRIDES = ("max_tokens", "top_k", "seed")
-FLOAT_OVERRIDES = ("temperature", "top_p")
-OVERRIDE_COLUMNS = (*INTEGER_OVERRIDES, *FLOAT_OVERRIDES, "stop")
+INTEGER_OVERRIDES = ("max_tokens", "top_k", "seed", "logprobs", "prompt_logprobs")
+FLOAT_OVERRIDES = ("temperature", "top_p", "presence_penalty", "frequency_penalty",
+                   "repetition_penalty", "min_p")
+# stop: a string or a list of strings; response_format: OpenAI's shape as JSON text.
+OVERRIDE_COLUMNS = (*INTEGER_OVERRIDES, *FLOAT_OVERRIDES, "stop", "response_format")
 # The id column of results and errors when the input names none.
 ROW_INDEX_COLUMN = "row_index"
-RESULT_COLUMNS = ("output", "finish_reason", "prompt_tokens", "completion_tokens", "cached_tokens")
+RESULT_COLUMNS = ("output", "finish_reason", "prompt_tokens", "completion_tokens", "cached_tokens",
+                  "logprobs", "cumulative_logprob", "prompt_logprobs")
 ERROR_COLUMN = "error"
 # The Celery queue of a job's shards when it names none.
 DEFAULT_QUEUE = "batchinfer"
@@ -52,6 +57,21 @@ class JobSpec:
     top_k: int = _option(-1, "top-k sampling, -1 = off", int)
     seed: int | None = _option(None, "sampling seed, per row (reproducible outputs)", int)
     stop: list[str] | None = _option(None, "stop string (repeatable)")
+    logprobs: int | None = _option(
+        None, "log-probabilities of each generated token and its K most likely alternatives "
+              "(0-20)", int)
+    prompt_logprobs: int | None = _option(
+        None, "the same for every prompt token after the first (0-20)", int)
+    presence_penalty: float = _option(0.0, "OpenAI's presence penalty (-2 to 2)", float)
+    frequency_penalty: float = _option(0.0, "OpenAI's frequency penalty (-2 to 2)", float)
+    repetition_penalty: float = _option(1.0, "repetition penalty (> 0; 1 = off)", float)
+    min_p: float = _option(0.0, "drop tokens less likely than min_p x the most likely (0-1)",
+                           float)
+    # OpenAI's response_format object: json_schema, json_object, regex, choice or text.
+    response_format: dict[str, Any] | None = _option(
+        None, "FILE.json with OpenAI's response_format ({\"type\": \"json_schema\", "
+              "\"json_schema\": {...}}, regex, choice): every output satisfies it",
+        read_response_format_file)
     shard_size: int = _option(1000, "rows per shard", int)
     queue: str | None = _option(None, "Celery queue for this job's shards (route by model)")
     idempotency_key: str | None = _option(None, "a key already used returns the existing job")
@@ -165,6 +185,10 @@ def sampling_params(spec: JobSpec, overrides: dict[str, Any]) -> SamplingParams:
     stop = values["stop"]
     # An explicitly empty per-row list means "no stop strings" for that row.
     kwargs["stop"] = ([stop] if isinstance(stop, str) else list(stop)) if stop else None
+    constraint = (parse_response_format(values["response_format"])
+                  if values["response_format"] is not None else None)
+    if constraint is not None:
+        kwargs["structured_outputs"] = StructuredOutputsParams(**constraint)
     return SamplingParams(**kwargs)
 
 

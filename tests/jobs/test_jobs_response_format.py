@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from jobs.errors import UserError
 from jobs.response_format import ANY_JSON_OBJECT, parse_response_format, read_response_format_file
 
 SCHEMA = {"type": "object", "properties": {"label": {"enum": ["pos", "neg"]}},
@@ -45,8 +46,11 @@ def test_the_flag_reads_a_file(tmp_path):
     value = {"type": "choice", "choice": ["a", "b"]}
     path.write_text(json.dumps(value))
     assert read_response_format_file(str(path)) == value
-    with pytest.raises(ValueError, match="cannot read response format file"):
+    with pytest.raises(UserError, match="cannot read response format file"):
         read_response_format_file(str(tmp_path / "missing.json"))
     path.write_text("{")
-    with pytest.raises(ValueError, match="is not valid JSON"):
+    with pytest.raises(UserError, match="Expecting property name"):
+        read_response_format_file(str(path))
+    path.write_text('{"type": "regex"}')
+    with pytest.raises(UserError, match='format.json: response_format regex needs "regex"'):
         read_response_format_file(str(path))
