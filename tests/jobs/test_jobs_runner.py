@@ -335,3 +335,29 @@ def test_an_unknown_shard_is_refused(file_store_url, tmp_path, llm):
     job_id, _ = submit(store, tmp_path, pa.table({"prompt": ["a"]}), row_group_size=1)
     with pytest.raises(ValueError, match="has 1 shards, not shard 1"):
         runner.run_shard(store, job_id, 1, llm)
+
+
+def test_logprob_columns_follow_the_rows_that_ask(file_store_url, tmp_path, llm, direct_llm):
+    """A per-row logprobs column (null: not asked) and job-level prompt_logprobs: the
+    results hold the engine's own figures, the per-row count is consumed, not passed on."""
+    store = open_store(file_store_url)
+    table = pa.table({"id": ["a", "b", "c"], "prompt": [prompt(i) for i in range(3)],
+                      "logprobs": pa.array([2, None, 0], pa.int64())})
+    job_id, _ = submit(store, tmp_path, table, row_group_size=3, id_column="id", max_tokens=5,
+                       prompt_logprobs=1)
+    runner.run_shard(store, job_id, 0, llm)
+    rows = {r["id"]: r for r in merge_results(store, job_id).to_pylist()}
+    assert "logprobs" in rows["a"] and rows["b"]["logprobs"] is None
+    [expected] = direct_llm.generate([prompt(0)], SamplingParams(max_tokens=5, temperature=0,
+                                                                  logprobs=2, prompt_logprobs=1))
+    got = rows["a"]["logprobs"]
+    assert [p["token_id"] for p in got] == expected.token_ids
+    for position, entries in zip(got, expected.outputs[0].logprobs, strict=True):
+        assert position["logprob"] == pytest.approx(entries[position["token_id"]].logprob,
+                                                    abs=1e-5)
+        assert {t["token_id"] for t in position["top"]} == set(entries)
+    assert rows["a"]["cumulative_logprob"] == pytest.approx(
+        expected.outputs[0].cumulative_logprob, abs=1e-4)
+    assert all(len(p["top"]) == 1 for p in rows["c"]["logprobs"])  # K=0: the token alone
+    for row in rows.values():
+        assert len(row["prompt_logprobs"]) == row["prompt_tokens"] - 1
