@@ -106,3 +106,40 @@ def test_roofline_and_quant_axis(quick_run):
         assert quant["int8"]["useful_tokens"] == report["expected_useful_tokens"]
     else:
         assert quant["int8"].get("error") or quant["int8"].get("note")
+
+
+@pytest.fixture(scope="module")
+def modes_run(tmp_path_factory) -> tuple[dict[str, Any], str]:
+    """--quick with the engine alone, constrained to a choice and scored (top 2)."""
+    tmp = tmp_path_factory.mktemp("bench-modes")
+    out = tmp / "bench.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, str(BENCH), "--quick", "--cache-dir", str(tmp / "models"),
+         "--systems", "engine", "--structured", "choice", "--logprobs", "2", "--out", str(out)],
+        cwd=tmp, env=env, capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(out.read_text()), proc.stderr
+
+
+@pytest.mark.skipif(not engine_importable(), reason="engine not importable")
+def test_structured_and_logprobs_overhead(modes_run):
+    report, stderr = modes_run
+    structured, logprobs = report["structured"], report["logprobs"]
+    assert structured["status"] == "ok", structured
+    assert logprobs["status"] == "ok", logprobs
+    for key in ("mode", "spec", "wall_s", "baseline_wall_s", "overhead_pct", "valid_outputs",
+                "finished_outputs", "compile_ms"):
+        assert key in structured, key
+    assert structured["mode"] == "choice" and len(structured["spec"]) == 4
+    for section in (structured, logprobs):
+        assert section["wall_s"] > 0 and section["baseline_wall_s"] > 0
+        assert isinstance(section["overhead_pct"], int | float)
+    assert structured["compile_ms"] >= 0
+    assert structured["valid_outputs"] == structured["finished_outputs"]
+    assert logprobs["k"] == 2 and logprobs["all_tokens_scored"] is True
+    # The constrained runs stay out of the cross-system token comparison.
+    assert report["systems"]["engine"]["useful_tokens"] == report["expected_useful_tokens"]
+    assert report["useful_tokens_match"] is True
+    assert "structured choice:" in stderr and "logprobs k=2:" in stderr

@@ -8,6 +8,7 @@ from typing import Any
 import scripts.bench
 from engine.quant.scheme import parse_rtn
 from engine.random_model import ARCHITECTURES, SHAPES
+from engine.sampling_params import MAX_LOGPROBS
 
 SYSTEMS = ("naive", "hf-cb", "engine", "engine-eager")
 DEFAULT_SYSTEMS = ["naive", "hf-cb", "engine"]
@@ -104,6 +105,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quant", type=parse_quant_list, default=[],
                    help="also run the engine at each of these precisions, e.g. "
                         "float32,bfloat16,int8,int4,int4-g64,int8-g128")
+    p.add_argument("--structured", choices=["json", "regex", "choice"],
+                   help="also run the engine with every row constrained to a small fixed "
+                        "JSON schema, regex or choice, against the engine unconstrained")
+    p.add_argument("--logprobs", type=int, metavar="K",
+                   help="also run the engine with every row scored (top K logprobs per "
+                        "token), against the engine unconstrained")
     p.add_argument("--threads", type=int,
                    help="CPU threads per system (OMP_NUM_THREADS; default: torch's choice). "
                         "On a shared CPU, fewer threads than busy cores avoids spin-wait stalls")
@@ -132,6 +139,8 @@ def finish_args(args: argparse.Namespace) -> argparse.Namespace:
     args.max_tokens = parse_range(str(args.max_tokens))
     if not 0.0 <= args.shared_prefix_frac <= 1.0:
         raise ValueError("--shared-prefix-frac must be within [0, 1]")
+    if args.logprobs is not None and not 0 <= args.logprobs <= MAX_LOGPROBS:
+        raise ValueError(f"--logprobs must be within [0, {MAX_LOGPROBS}]")
     if args.rows is not None and args.rows < 1:
         raise ValueError("--rows must be >= 1")
     return args

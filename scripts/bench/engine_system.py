@@ -20,19 +20,28 @@ def task_engine(task: dict[str, Any]) -> dict[str, Any]:
     llm.generate(warmup_prompts(llm.config.vocab_size),
                  SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True))
     before = llm.stats()
-    params = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
+    outputs, wall = timed_generate(llm, work, task["device"])
+    useful = sum(min(len(o.token_ids), n) for o, n in zip(outputs, work.max_tokens, strict=True))
+    return {"status": "ok", "wall_s": wall, "useful_tokens": useful,
+            **engine_stats_delta(before, llm.stats())}
+
+
+def timed_generate(llm: Any, work: Any, device: str, **extra: Any) -> tuple[list, float]:
+    """The workload's rows through llm, greedy, each to its max_tokens (extra: more
+    SamplingParams fields): the outputs and the wall seconds; a failed row raises."""
+    from engine import SamplingParams
+
+    params = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True, **extra)
               for n in work.max_tokens]
-    synchronize(task["device"])
+    synchronize(device)
     started = time.perf_counter()
     outputs = llm.generate(work.prompts, params)
-    synchronize(task["device"])
+    synchronize(device)
     wall = time.perf_counter() - started
     failed = [o.error for o in outputs if o.finish_reason == "error"]
     if failed:
         raise RuntimeError(f"{len(failed)} rows failed, e.g. {failed[0]}")
-    useful = sum(min(len(o.token_ids), n) for o, n in zip(outputs, work.max_tokens, strict=True))
-    return {"status": "ok", "wall_s": wall, "useful_tokens": useful,
-            **engine_stats_delta(before, llm.stats())}
+    return outputs, wall
 
 
 def engine_stats_delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:

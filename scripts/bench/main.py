@@ -13,7 +13,7 @@ from typing import Any
 from engine import EngineConfig
 from engine.config import ModelConfig, load_model_config
 from engine.device import CPU_KV_CACHE_CAP, resolve_device, resolve_dtype
-from scripts.bench import engine_system, hf_baselines, log, random_model, roofline
+from scripts.bench import engine_system, hf_baselines, log, modes, random_model, roofline
 from scripts.bench.child import Task, run_child, serve
 from scripts.bench.cli import FLOAT_PRECISIONS, build_parser, finish_args
 from scripts.bench.report import build_report, fmt, print_table, write_json
@@ -24,6 +24,7 @@ CHILD_TASKS: dict[str, Task] = {
     "build": random_model.task_build, "peaks": roofline.task_peaks,
     "naive": hf_baselines.task_naive, "hf-cb": hf_baselines.task_hf_cb,
     "engine": engine_system.task_engine, "engine-eager": engine_system.task_engine,
+    "engine-modes": modes.task_modes,
 }
 
 
@@ -62,8 +63,10 @@ def main(argv: list[str] | None = None) -> int:
         peaks = roofline.measure_peaks(settings, model, len(work.prompts), args.quick)
         systems = run_systems(args.systems, base, settings)
         quant = run_quant_axis(args.quant, base, settings, systems)
+        extra = run_modes(args, base, settings)
 
     report = build_report(args, settings, model, work, peaks, systems, quant)
+    report.update(extra)
     report["machine"]["load_average_1m_at_start"] = load_at_start
     write_json(report, args.out)
     print_table(report)
@@ -153,3 +156,20 @@ def run_quant_axis(precisions: list[str], base: dict[str, Any], settings: Engine
             entry = run_child(system_task("engine", base, precise))
         entries.append({"precision": precision, "dtype": dtype, "quantization": quant, **entry})
     return entries
+
+
+def run_modes(args: argparse.Namespace, base: dict[str, Any],
+              settings: EngineConfig) -> dict[str, Any]:
+    """--structured / --logprobs: the report's "structured" and "logprobs" sections."""
+    asked = [key for key, on in (("structured", args.structured),
+                                 ("logprobs", args.logprobs is not None)) if on]
+    if not asked:
+        return {}
+    log(f"running engine {' and '.join(asked)} against engine unconstrained ...")
+    task = {**system_task("engine", base, settings), "kind": "engine-modes",
+            "structured": args.structured, "logprobs": args.logprobs}
+    result = modes.finish_modes(run_child(task), asked)
+    for key, section in result.items():
+        log(f"  {key}: {section.get('status')} {fmt(section.get('wall_s'), '.2f')} s vs "
+            f"{fmt(section.get('baseline_wall_s'), '.2f')} s {section.get('error') or ''}")
+    return result

@@ -53,6 +53,7 @@ def build_report(args: argparse.Namespace, settings: EngineConfig, model: ModelC
             "max_num_batched_tokens": settings.max_num_batched_tokens,
             "kv_cache_bytes": kv_budget(settings), "prefix_caching": settings.enable_prefix_caching,
             "systems": args.systems, "quant": args.quant, "quick": args.quick,
+            "structured": args.structured, "logprobs": args.logprobs,
         },
         "machine": machine_info(device),
         "model": model_summary(model),
@@ -159,4 +160,26 @@ def print_table(report: dict[str, Any]) -> None:
         log(f"  workload {cost['flops'] / 1e12:.2f} TFLOP, KV traffic {cost['kv_bytes'] / 1e9:.2f} "
             f"GB; bound {fmt(roof['min_steps_bound_s'], '.3f')} s at the fewest possible steps "
             f"({roof['min_steps']}); roof% = bound at the system's own steps / its wall time")
+    print_modes(report)
     log(f"useful tokens match across systems: {report['useful_tokens_match']}")
+
+
+def print_modes(report: dict[str, Any]) -> None:
+    """A line each for --structured and --logprobs: overhead against the engine unconstrained
+    (constrained rows stop once complete, so per token is shown too)."""
+    for key, label in (("structured", "structured"), ("logprobs", "logprobs")):
+        e = report.get(key)
+        if e is None:
+            continue
+        if e.get("status") != "ok":
+            log(f"{label}: {e.get('status')} {e.get('error') or ''}")
+            continue
+        what = f"{e['mode']}" if key == "structured" else f"k={e['k']}"
+        line = (f"{label} {what}: {e['wall_s']:.2f} s vs unconstrained "
+                f"{e['baseline_wall_s']:.2f} s, overhead {e['overhead_pct']:+.1f}% "
+                f"({fmt(e.get('per_token_overhead_pct'), '+.1f')}% per token)")
+        if key == "structured":
+            line += (f"; valid {e['valid_outputs']}/{e['finished_outputs']} finished of "
+                     f"{e['rows']} rows; compile {e['compile_ms']:.1f} ms, first use "
+                     f"{e['first_use_ms']:.1f} ms")
+        log(line)
