@@ -28,20 +28,24 @@ def engine_importable() -> bool:
     return True
 
 
-@pytest.fixture(scope="module")
-def quick_run(tmp_path_factory) -> tuple[dict[str, Any], str]:
-    tmp = tmp_path_factory.mktemp("bench")
+def run_quick_bench(tmp: Path, *args: str) -> tuple[dict[str, Any], str]:
+    """`bench.py --quick` with args in tmp: its JSON report and its stderr table."""
     out = tmp / "bench.json"
     # One thread per process: on a shared two-core machine, two spinning OpenMP threads
-    # stall badly whenever another process holds a core, and this test only checks fields.
+    # stall badly whenever another process holds a core, and these tests only check fields.
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
-        [sys.executable, str(BENCH), "--quick", "--cache-dir", str(tmp / "models"),
-         "--quant", "float32,bfloat16,int8", "--out", str(out)],
+        [sys.executable, str(BENCH), "--quick", "--cache-dir", str(tmp / "models"), *args,
+         "--out", str(out)],
         cwd=tmp, env=env, capture_output=True, text=True, timeout=120, check=False,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(out.read_text()), proc.stderr
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory) -> tuple[dict[str, Any], str]:
+    return run_quick_bench(tmp_path_factory.mktemp("bench"), "--quant", "float32,bfloat16,int8")
 
 
 def test_report_has_every_section(quick_run):
@@ -111,16 +115,8 @@ def test_roofline_and_quant_axis(quick_run):
 @pytest.fixture(scope="module")
 def modes_run(tmp_path_factory) -> tuple[dict[str, Any], str]:
     """--quick with the engine alone, constrained to a choice and scored (top 2)."""
-    tmp = tmp_path_factory.mktemp("bench-modes")
-    out = tmp / "bench.json"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [sys.executable, str(BENCH), "--quick", "--cache-dir", str(tmp / "models"),
-         "--systems", "engine", "--structured", "choice", "--logprobs", "2", "--out", str(out)],
-        cwd=tmp, env=env, capture_output=True, text=True, timeout=120, check=False,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(out.read_text()), proc.stderr
+    return run_quick_bench(tmp_path_factory.mktemp("bench-modes"), "--systems", "engine",
+                           "--structured", "choice", "--logprobs", "2")
 
 
 @pytest.mark.skipif(not engine_importable(), reason="engine not importable")
