@@ -55,6 +55,12 @@ class BlockManager:
         covered = -(-(seq.num_computed_tokens + num_new_tokens) // self.block_size)
         return max(0, covered - len(seq.block_table))
 
+    def num_shareable_prompt_blocks(self, seq: Sequence) -> int:
+        """seq's full prompt blocks that its other samples can share: all but the one with
+        the prompt's last token, which each sample computes for its own first logits (the
+        same rule as the prefix cache's)."""
+        return (seq.num_prompt_tokens - 1) // self.block_size
+
     def find_cached_prefix(self, seq: Sequence) -> list[int]:
         """Ids of cached blocks holding seq's leading full blocks.
 
@@ -63,7 +69,7 @@ class BlockManager:
         """
         if not self.enable_prefix_caching:
             return []
-        hits = []
+        hits: list[int] = []
         for index in range((seq.num_tokens - 1) // self.block_size):
             block_id = self.cached.get(self._block_hash(seq, index))
             if block_id is None or self.blocks[block_id].token_ids != tuple(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 from collections.abc import Sequence as SequenceOf
 from dataclasses import replace
@@ -18,7 +19,7 @@ from engine.fetch import local_model_dir
 from engine.loader import load_model
 from engine.logprobs import TokenTexts
 from engine.model_runner import ModelRunner, kv_cache_bytes_per_block
-from engine.outputs import FinishReason, RequestOutput
+from engine.outputs import CompletionOutput, FinishReason, RequestOutput
 from engine.quant.linear import QuantLinear
 from engine.quant.scheme import resolve_quantization
 from engine.sampling_params import SamplingParams
@@ -68,7 +69,7 @@ class LLM:
         num_blocks = self._num_kv_blocks(loaded, block_bytes)
         self.engine_config = replace(loaded, kv_cache_memory=num_blocks * block_bytes)
         self._build_pipeline(num_blocks)
-        self._requests: dict[str, Sequence] = {}
+        self._requests: dict[str, _Request] = {}
         self._undelivered: list[RequestOutput] = []  # finished outside step(): aborts
         self._generate_ids = itertools.count()
         self._counters = dict.fromkeys(
@@ -149,14 +150,11 @@ class LLM:
             raise ValueError(f"params must be SamplingParams, got {type(params).__name__}")
         prompt_ids = self._tokenize(prompt)
         self._check_prompt(prompt_ids)
-        generator = None
-        if params.seed is not None:
-            generator = torch.Generator(device=self.device).manual_seed(params.seed)
-        detokenizer = IncrementalDetokenizer(self.tokenizer, prompt_ids)
-        seq = Sequence(request_id, prompt_ids, params, generator, detokenizer)
-        seq.structured = self._constrained.matcher(params.structured_outputs)
-        self._requests[request_id] = seq
-        self.scheduler.add(seq)
+        samples = [self._sample(request_id, prompt_ids, params, i) for i in range(params.n)]
+        for fork in samples[1:]:
+            fork.prompt_logprobs = None  # the first sample scores the prompt for all
+        self._requests[request_id] = _Request(samples)
+        self.scheduler.add(samples[0], samples[1:])
         self._counters["prompt_tokens"] += len(prompt_ids)
 
     def step(self) -> list[RequestOutput]:
@@ -182,8 +180,8 @@ class LLM:
                                               self._max_seq_len)
             if reason is None and seq.structured is not None and seq.structured.is_terminated():
                 reason = FinishReason.STOP  # complete, and only EOS could follow
-            if reason is not None:
-                finished.append(self._finish(seq, reason))
+            if reason is not None and (done := self._finish(seq, reason)) is not None:
+                finished.append(done)
         self._counters["steps"] += 1
         self._counters["scheduled_tokens"] += batch.num_tokens
         self._counters["scheduled_seqs"] += len(batch.seqs)
@@ -195,9 +193,11 @@ class LLM:
 
     def abort_request(self, request_id: str) -> None:
         """Stop a request; its output (finish_reason "aborted") comes with the next step()."""
-        seq = self._requests.get(request_id)
-        if seq is not None:
-            self._undelivered.append(self._finish(seq, FinishReason.ABORTED))
+        request = self._requests.get(request_id)
+        if request is not None:
+            # Only the last sample's _finish returns the request's output.
+            ended = [self._finish(seq, FinishReason.ABORTED) for seq in request.unfinished_samples()]
+            self._undelivered.append(ended[-1])
 
     def has_unfinished_requests(self) -> bool:
         return self.num_unfinished_requests() > 0
@@ -261,17 +261,35 @@ class LLM:
                 f"({self._max_seq_len} tokens)"
             )
 
-    def _finish(self, seq: Sequence, reason: FinishReason) -> RequestOutput:
+    def _sample(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                index: int) -> Sequence:
+        """Sample `index` of a request: its own generator, detokenizer and grammar state."""
+        generator = None
+        if params.seed is not None:
+            seed = sample_seed(params.seed, index)
+            generator = torch.Generator(device=self.device).manual_seed(seed)
+        detokenizer = IncrementalDetokenizer(self.tokenizer, prompt_ids)
+        seq = Sequence(request_id, prompt_ids, params, generator, detokenizer, index)
+        seq.structured = self._constrained.matcher(params.structured_outputs)
+        return seq
+
+    def _finish(self, seq: Sequence, reason: FinishReason) -> RequestOutput | None:
+        """End one sample; the request's output once its last sample has ended."""
         self.scheduler.finish(seq)
+        request = self._requests[seq.request_id]
+        request.outputs[seq.sample_index] = seq.completion_output(reason)
+        if request.unfinished_samples():
+            return None
         del self._requests[seq.request_id]
+        first = request.samples[0]
         return RequestOutput(
             request_id=seq.request_id,
-            prompt_token_ids=seq.prompt_token_ids,
-            outputs=[seq.completion_output(reason)],
+            prompt_token_ids=first.prompt_token_ids,
+            outputs=[output for output in request.outputs if output is not None],
             error=None,
-            prompt_tokens=seq.num_prompt_tokens,
-            cached_tokens=seq.cached_tokens or 0,
-            prompt_logprobs=seq.prompt_logprobs,
+            prompt_tokens=first.num_prompt_tokens,
+            cached_tokens=first.cached_tokens or 0,
+            prompt_logprobs=first.prompt_logprobs,
         )
 
     def _load(self, requested: EngineConfig) -> EngineConfig:
@@ -366,3 +384,24 @@ class LLM:
         return total + sum(
             m.weight_bytes() for m in self.model.modules() if isinstance(m, QuantLinear)
         )
+
+
+class _Request:
+    """A request's samples and the outputs of those that have ended."""
+
+    def __init__(self, samples: list[Sequence]) -> None:
+        self.samples = samples
+        self.outputs: list[CompletionOutput | None] = [None] * len(samples)
+
+    def unfinished_samples(self) -> list[Sequence]:
+        return [seq for seq, out in zip(self.samples, self.outputs, strict=True) if out is None]
+
+
+def sample_seed(seed: int, index: int) -> int:
+    """The seed of sample `index` of a request seeded with `seed`: the seed itself for the
+    first sample (so n=1 draws as before), a hash of (seed, index) for the others, so each
+    sample is reproducible whatever else runs beside it."""
+    if index == 0:
+        return seed
+    digest = hashlib.blake2b(f"{seed}/{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1  # manual_seed takes up to 2**63 - 1

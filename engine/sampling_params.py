@@ -11,11 +11,15 @@ from dataclasses import dataclass
 from engine.structured.params import StructuredOutputsParams
 
 MAX_LOGPROBS = 20  # vLLM's default max_logprobs: top tokens reported per position
+MAX_SAMPLES = 128  # n: OpenAI's limit on choices per request
 
 
 @dataclass
 class SamplingParams:
     max_tokens: int = 16
+    # Samples of the prompt (RequestOutput.outputs); they share the prompt's KV blocks, and
+    # with a seed sample i draws from a generator derived from (seed, i).
+    n: int = 1
     temperature: float = 1.0  # 0 = greedy
     top_p: float = 1.0
     top_k: int = -1  # -1 or 0 = off
@@ -48,6 +52,9 @@ class SamplingParams:
             raise ValueError(f"max_tokens must be an int, got {self.max_tokens!r}")
         if self.max_tokens <= 0:
             raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens}")
+        if (isinstance(self.n, bool) or not isinstance(self.n, int)
+                or not 1 <= self.n <= MAX_SAMPLES):
+            raise ValueError(f"n must be an int in 1..{MAX_SAMPLES}, got {self.n!r}")
         if not self.temperature >= 0:  # also rejects NaN
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:

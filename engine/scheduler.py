@@ -7,6 +7,10 @@ up to max_num_seqs running at once. When the KV pool has no block for a running
 sequence, the newest running sequence is preempted: its blocks are freed and it goes
 back to the front of the queue, to be recomputed later (prompt and the tokens it has
 generated so far, mostly from the prefix cache).
+
+A request with n samples is queued as its first sample; the others (its forks) join the
+front of the queue once that sample's full prompt blocks are computed, and start with
+those blocks shared (reference-counted), computing only the prompt's last partial block.
 """
 
 from __future__ import annotations
@@ -48,13 +52,22 @@ class Scheduler:
         self.num_preemptions = 0
         self.num_cache_hit_tokens = 0
 
-    def add(self, seq: Sequence) -> None:
-        self.waiting.append(seq)
+    def add(self, seq: Sequence, forks: list[Sequence] | None = None) -> None:
+        """Queue a request's first sample and the other samples of its prompt (forks)."""
+        forks = forks or []
+        for fork in forks:
+            fork.prompt_source = seq
+        if forks and self.block_manager.num_shareable_prompt_blocks(seq) > 0:
+            seq.forks = forks
+            self.waiting.append(seq)
+        else:  # a prompt within one block: nothing to share, nothing to wait for
+            self.waiting.extend([seq, *forks])
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
     def schedule(self) -> ScheduledBatch:
+        self._release_forks()
         batch = ScheduledBatch()
         decoding = [seq for seq in self.running if seq.is_decoding]
         prefilling = [seq for seq in self.running if not seq.is_decoding]
@@ -82,8 +95,40 @@ class Scheduler:
             self.running.remove(seq)
             self.block_manager.free(seq)
         elif seq.status is SequenceStatus.WAITING:
-            self.waiting.remove(seq)
+            source = seq.prompt_source
+            if source is not None and seq in source.forks:
+                source.forks.remove(seq)
+            else:
+                self.waiting.remove(seq)
         seq.status = SequenceStatus.FINISHED
+        # Forks still waiting on it run on their own (or from the prefix cache).
+        self.waiting.extendleft(reversed(seq.forks))
+        seq.forks = []
+
+    def _release_forks(self) -> None:
+        """Queue, first, the forks of running samples whose shareable prompt blocks are
+        computed."""
+        block_size = self.block_manager.block_size
+        ready = [
+            seq for seq in self.running
+            if seq.forks and seq.num_computed_tokens
+            >= self.block_manager.num_shareable_prompt_blocks(seq) * block_size
+        ]
+        for seq in reversed(ready):
+            self.waiting.extendleft(reversed(seq.forks))
+            seq.forks = []
+
+    def _reusable_prefix(self, seq: Sequence) -> list[int]:
+        """The computed blocks seq can start from: the prefix cache's hits, or its first
+        sample's prompt blocks while that sample runs, whichever is longer."""
+        manager = self.block_manager
+        hits = manager.find_cached_prefix(seq)
+        source = seq.prompt_source
+        if source is None or source.status is not SequenceStatus.RUNNING:
+            return hits
+        num_shared = min(manager.num_shareable_prompt_blocks(seq),
+                         source.num_computed_tokens // manager.block_size)
+        return source.block_table[:num_shared] if num_shared > len(hits) else hits
 
     def _make_room(self, seq: Sequence, num_new: int, batch: ScheduledBatch) -> bool:
         """Allocate seq's blocks for num_new tokens, preempting the newest running sequences
@@ -112,7 +157,7 @@ class Scheduler:
             seq = self.waiting[0]
             # Prompt logprobs need the logits of every prompt position: such a prompt is
             # computed whole (as in vLLM), though its blocks still go to the cache.
-            cached_blocks = [] if seq.prompt_logprobs_pending else manager.find_cached_prefix(seq)
+            cached_blocks = [] if seq.prompt_logprobs_pending else self._reusable_prefix(seq)
             num_cached = len(cached_blocks) * manager.block_size
             num_new = min(seq.num_tokens - num_cached, budget)
             num_new_blocks = -(-(num_cached + num_new) // manager.block_size) - len(cached_blocks)

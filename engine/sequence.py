@@ -26,8 +26,10 @@ class Sequence:
         params: SamplingParams,
         generator: torch.Generator | None,
         detokenizer: IncrementalDetokenizer,
+        sample_index: int = 0,
     ) -> None:
         self.request_id = request_id
+        self.sample_index = sample_index  # which of the request's n samples this is
         self.params = params
         self.prompt_token_ids = list(prompt_token_ids)
         self.token_ids = list(prompt_token_ids)  # prompt, then generated tokens
@@ -40,6 +42,10 @@ class Sequence:
         self.block_hashes: list[bytes] = []
         self.num_registered_blocks = 0  # leading blocks already offered to the prefix cache
         self.cached_tokens: int | None = None  # prompt tokens served by the cache at admission
+        # Samples 1..n-1 of a request wait on sample 0 (their prompt_source) until its
+        # prompt's full blocks are computed, then share them instead of computing them.
+        self.prompt_source: Sequence | None = None
+        self.forks: list[Sequence] = []  # the samples waiting on this one's prompt
         self.generator = generator  # per-request RNG when a seed is given
         self.detokenizer = detokenizer  # the generated text, decoded after the prompt's
         # The grammar's state for a request with structured_outputs (set by the engine).
@@ -93,4 +99,4 @@ class Sequence:
             cumulative = sum(
                 (entry[t].logprob for t, entry in zip(token_ids, logprobs, strict=True)), 0.0
             )
-        return CompletionOutput(0, text, token_ids, cumulative, logprobs, reason)
+        return CompletionOutput(self.sample_index, text, token_ids, cumulative, logprobs, reason)
