@@ -23,7 +23,7 @@ import pyarrow as pa
 from jobs import keys
 from jobs.spec import ERROR_COLUMN
 from jobs.store import Store
-from jobs.tables import count_rows, read_table
+from jobs.tables import count_input_rows, count_rows, read_table
 
 ERROR_KIND_COLUMN = "error_kind"
 
@@ -109,7 +109,8 @@ def count_failed(store: Store, outcome: ShardOutcome) -> int:
 
 
 def count_succeeded(store: Store, outcome: ShardOutcome) -> int:
-    return sum(count_rows(store, key) for key in outcome.results.values())
+    """Input rows of the shard that succeeded (however many samples each)."""
+    return sum(count_input_rows(store, key) for key in outcome.results.values())
 
 
 def transient_ids(store: Store, outcome: ShardOutcome, before: int | None = None) -> list:

@@ -42,9 +42,11 @@ def _outcomes(store: Store, job_id: str) -> list[ShardOutcome]:
 
 
 def _shard_tables(store: Store, job_id: str) -> Iterator[pa.Table]:
-    """Each finished shard's result rows, one table per shard, in input order."""
+    """Each finished shard's result rows, one table per shard, in input order (less the
+    parts' footer metadata, which describes a part, not the merged whole)."""
     for outcome in _outcomes(store, job_id):
-        parts = [read_table(store, outcome.results[a]) for a in sorted(outcome.results)]
+        parts = [read_table(store, outcome.results[a]).replace_schema_metadata()
+                 for a in sorted(outcome.results)]
         if len(parts) == 1:
             yield parts[0]
         else:

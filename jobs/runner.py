@@ -36,7 +36,7 @@ from jobs.shard_input import read_shard_rows, row_requests, select_rows
 from jobs.shard_tables import errors_part, results_part
 from jobs.spec import JobSpec, load_spec
 from jobs.store import Store
-from jobs.tables import count_rows, put_table
+from jobs.tables import count_input_rows, count_rows, put_table
 from jobs.usage import BatchFigures, make_usage_record, write_usage
 
 log = logging.getLogger(__name__)
@@ -121,7 +121,7 @@ def run_shard(store: Store, job_id: str, shard_index: int, llm: LLM, *, attempt:
 
 
 def _already_done(store: Store, job_id: str, shard_index: int, attempt: int) -> ShardSummary:
-    succeeded = count_rows(store, keys.result_key(job_id, shard_index, attempt))
+    succeeded = count_input_rows(store, keys.result_key(job_id, shard_index, attempt))
     error_key = keys.error_key(job_id, shard_index, attempt)
     failed = count_rows(store, error_key) if store.exists(error_key) else 0
     return ShardSummary(shard_index, attempt, rows=succeeded + failed, succeeded=succeeded,
@@ -252,7 +252,7 @@ class _ShardRun:
     def _collect(self, position: int, output: RequestOutput) -> None:
         if output.finish_reason.completed:
             self.outputs[position] = output
-            self.tokens_done += output.prompt_tokens + output.completion_tokens
+            self.tokens_done += output.prompt_tokens + _generated_tokens(output)
         else:  # the engine failed on this row at run time: worth another try
             self.errors[position] = (output.error or f"request {output.finish_reason}",
                                      ErrorKind.TRANSIENT)
@@ -320,7 +320,7 @@ class _ShardRun:
         positions = sorted(self.outputs)
         outputs = [self.outputs[p] for p in positions]
         prompt_tokens = sum(o.prompt_tokens for o in outputs)
-        completion_tokens = sum(o.completion_tokens for o in outputs)
+        completion_tokens = sum(_generated_tokens(o) for o in outputs)
         stats = self.llm.stats()
         write_usage(store, make_usage_record(
             job_id=job_id, shard=index, model=self.spec.model,
@@ -336,16 +336,21 @@ class _ShardRun:
 
         passthrough = {name: self._take(name, positions)
                        for name in self.layout.passthrough_columns}
-        asked = {name: getattr(self.spec, name) is not None
-                 or name in self.layout.override_columns
+        overrides = self.layout.override_columns
+        asked = {name: getattr(self.spec, name) is not None or name in overrides
                  for name in ("logprobs", "prompt_logprobs")}
         put_table(store, keys.result_key(job_id, index, attempt),
                   results_part(id_column, self._ids(positions), passthrough, outputs,
-                                **asked))
+                               samples=self.spec.n > 1 or "n" in overrides, **asked))
         return ShardSummary(index, attempt, rows=self.rows.num_rows, succeeded=len(positions),
                             failed=len(error_positions), prompt_tokens=prompt_tokens,
                             completion_tokens=completion_tokens,
                             oom_retries=self.backoff.retries)
+
+
+def _generated_tokens(output: RequestOutput) -> int:
+    """Tokens generated for a row: every sample's."""
+    return sum(len(sample.token_ids) for sample in output.outputs)
 
 
 def _release_device_memory(llm: LLM) -> None:

@@ -19,15 +19,16 @@ from jobs.response_format import parse_response_format, read_response_format_fil
 from jobs.store import NotFound, Store, get_json, put_json
 
 # Per-row columns that override the spec's sampling defaults when present and not null.
-INTEGER_OVERRIDES = ("max_tokens", "top_k", "seed", "logprobs", "prompt_logprobs")
+INTEGER_OVERRIDES = ("max_tokens", "n", "top_k", "seed", "logprobs", "prompt_logprobs")
 FLOAT_OVERRIDES = ("temperature", "top_p", "presence_penalty", "frequency_penalty",
                    "repetition_penalty", "min_p")
 # stop: a string or a list of strings; response_format: OpenAI's shape as JSON text.
 OVERRIDE_COLUMNS = (*INTEGER_OVERRIDES, *FLOAT_OVERRIDES, "stop", "response_format")
 # The id column of results and errors when the input names none.
 ROW_INDEX_COLUMN = "row_index"
-RESULT_COLUMNS = ("output", "finish_reason", "prompt_tokens", "completion_tokens", "cached_tokens",
-                  "logprobs", "cumulative_logprob", "prompt_logprobs")
+RESULT_COLUMNS = ("sample_index", "output", "finish_reason", "prompt_tokens",
+                  "completion_tokens", "cached_tokens", "logprobs", "cumulative_logprob",
+                  "prompt_logprobs")
 ERROR_COLUMN = "error"
 # The Celery queue of a job's shards when it names none.
 DEFAULT_QUEUE = "batchinfer"
@@ -52,6 +53,8 @@ class JobSpec:
               "chat template")
     id_column: str | None = _option(None, "unique row id column (default: the row index)")
     max_tokens: int = _option(256, "tokens to generate per row", int)
+    n: int = _option(1, "samples per row (1-128): one result row each, numbered by "
+                        "sample_index", int)
     temperature: float = _option(0.0, "sampling temperature, 0 = greedy", float)
     top_p: float = _option(1.0, "nucleus sampling", float)
     top_k: int = _option(-1, "top-k sampling, -1 = off", int)

@@ -20,7 +20,20 @@ def read_table(store: Store, key: str) -> pa.Table:
     return pq.read_table(pa.BufferReader(store.get_bytes(key)))
 
 
+# A results part with several samples per input row says in its footer how many input rows
+# it answers (its own row count is the samples').
+INPUT_ROWS_METADATA = b"batchinfer.input_rows"
+
+
 def count_rows(store: Store, key: str) -> int:
     """Rows in a Parquet object, from its footer alone (ranged reads on S3)."""
     with store.open_read(key) as file:
         return pq.read_metadata(file).num_rows
+
+
+def count_input_rows(store: Store, key: str) -> int:
+    """Input rows a results part answers, from its footer alone."""
+    with store.open_read(key) as file:
+        footer = pq.read_metadata(file)
+    metadata = footer.metadata or {}
+    return int(metadata[INPUT_ROWS_METADATA]) if INPUT_ROWS_METADATA in metadata else footer.num_rows

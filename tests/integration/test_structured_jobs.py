@@ -1,5 +1,6 @@
-"""Structured and scored outputs through a whole job: a per-row response_format column,
-log-probabilities in the results, over real Redis, moto S3 and a worker process."""
+"""Structured, scored and multi-sample outputs through a whole job: a per-row
+response_format column, log-probabilities and three samples per row in the results, over
+real Redis, moto S3 and a worker process."""
 
 from __future__ import annotations
 
@@ -29,8 +30,8 @@ FORMATS = [
 ]
 
 
-def test_a_job_with_per_row_formats_and_logprobs(tmp_path, redis_server, s3_store_url,
-                                                 tiny_llama):
+def test_a_job_with_per_row_formats_logprobs_and_samples(tmp_path, redis_server, s3_store_url,
+                                                         tiny_llama):
     rows = 16
     formats = [FORMATS[i % len(FORMATS)] for i in range(rows)]
     column = [json.dumps(f) if f else None for f in formats]
@@ -41,7 +42,7 @@ def test_a_job_with_per_row_formats_and_logprobs(tmp_path, redis_server, s3_stor
     pq.write_table(table, tmp_path / "rows.parquet")
     client = Client(store_url=s3_store_url, broker_url=redis_server.url)
     job = client.submit(tmp_path / "rows.parquet", model=str(tiny_llama), max_tokens=48,
-                        id_column="id", logprobs=2)
+                        id_column="id", logprobs=2, n=3, temperature=1.0, seed=5)
     with running_workers(1, worker_env(redis_server.url, s3_store_url), tmp_path):
         status = job.wait(timeout=JOB_TIMEOUT)
     assert status["state"] == "completed", status
@@ -49,12 +50,14 @@ def test_a_job_with_per_row_formats_and_logprobs(tmp_path, redis_server, s3_stor
     [error] = errors_table(client.store, job.id).to_pylist()
     assert error["id"] == "r07" and error["error_kind"] == ErrorKind.INVALID
 
-    results = {row["id"]: row for row in job.results().to_pylist()}
-    for i, fmt in enumerate(formats):
-        row = results.get(f"r{i:02d}")
-        if i == 7:
-            assert row is None
-            continue
+    samples = job.results().to_pylist()
+    expected_order = [(f"r{i:02d}", k) for i in range(rows) if i != 7 for k in range(3)]
+    assert [(row["id"], row["sample_index"]) for row in samples] == expected_order
+    assert status["usage"]["completion_tokens"] == sum(r["completion_tokens"] for r in samples)
+    assert status["usage"]["prompt_tokens"] == sum(
+        r["prompt_tokens"] for r in samples if r["sample_index"] == 0)
+    for row in samples:
+        fmt = formats[int(row["id"][1:])]
         text = row["output"]
         if row["finish_reason"] == "stop" and fmt is not None:
             if fmt["type"] == "choice":
@@ -69,8 +72,10 @@ def test_a_job_with_per_row_formats_and_logprobs(tmp_path, redis_server, s3_stor
         assert all(len(p["top"]) in (2, 3) and p["logprob"] <= 0 for p in positions)
         assert math.isclose(row["cumulative_logprob"], sum(p["logprob"] for p in positions),
                             rel_tol=1e-4, abs_tol=1e-4)
-    constrained = [r for i, r in enumerate(results.values()) if formats[i % 4] is not None]
+    constrained = [r for r in samples if formats[int(r["id"][1:])] is not None]
     assert sum(r["finish_reason"] == "stop" for r in constrained) >= len(constrained) // 2
+    # Three seeded samples of one prompt are three draws, not one copied.
+    assert len({r["output"] for r in samples if r["id"] == "r03"}) > 1
 
 
 def test_a_bad_job_level_format_is_refused_at_submit(tmp_path, tiny_llama):

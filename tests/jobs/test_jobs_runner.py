@@ -192,14 +192,14 @@ def test_a_rerun_after_a_crash_replaces_the_dead_attempts_files(file_store_url, 
 
 def test_row_index_ids_when_no_id_column(file_store_url, tmp_path, llm):
     store = open_store(file_store_url)
-    table = pa.table({"prompt": [prompt(i) for i in range(9)], "n": list(range(9))})
+    table = pa.table({"prompt": [prompt(i) for i in range(9)], "k": list(range(9))})
     job_id, shards = submit(store, tmp_path, table, row_group_size=3, shard_size=4, max_tokens=2)
     for shard in shards:
         runner.run_shard(store, job_id, shard.index, llm)
     results = merge_results(store, job_id)
-    assert results.column_names[:2] == ["row_index", "n"]
+    assert results.column_names[:2] == ["row_index", "k"]
     assert results.column("row_index").to_pylist() == list(range(9))
-    assert results.column("n").to_pylist() == list(range(9))
+    assert results.column("k").to_pylist() == list(range(9))
 
 
 def test_messages_are_rendered_with_the_chat_template(file_store_url, tmp_path, llm, direct_llm):
@@ -361,3 +361,40 @@ def test_logprob_columns_follow_the_rows_that_ask(file_store_url, tmp_path, llm,
     assert all(len(p["top"]) == 1 for p in rows["c"]["logprobs"])  # K=0: the token alone
     for row in rows.values():
         assert len(row["prompt_logprobs"]) == row["prompt_tokens"] - 1
+
+
+def test_samples_are_rows_of_their_own_and_count_once(file_store_url, tmp_path, llm,
+                                                      direct_llm):
+    """A per-row n column: one result row per sample, numbered by sample_index, in input
+    then sample order, the id and pass-through columns repeated, each sample the engine's
+    own; the manifest counts input rows, usage every sample's tokens once per prompt."""
+    store = open_store(file_store_url)
+    table = pa.table({"id": ["a", "b", "c"], "prompt": [prompt(i) for i in range(3)],
+                      "category": ["x", "y", "z"], "n": pa.array([3, None, 2], pa.int64())})
+    job_id, _ = submit(store, tmp_path, table, row_group_size=3, id_column="id", max_tokens=5,
+                       temperature=1.0, seed=11)
+    summary = runner.run_shard(store, job_id, 0, llm)
+    rows = merge_results(store, job_id).to_pylist()
+    assert [(r["id"], r["sample_index"], r["category"]) for r in rows] == [
+        ("a", 0, "x"), ("a", 1, "x"), ("a", 2, "x"), ("b", 0, "y"), ("c", 0, "z"),
+        ("c", 1, "z")]
+    expected = direct_llm.generate(
+        [prompt(i) for i in range(3)],
+        [SamplingParams(max_tokens=5, temperature=1.0, seed=11, n=n) for n in (3, 1, 2)])
+    by_row = dict(zip("abc", expected, strict=True))
+    for row in rows:
+        sample = by_row[row["id"]].outputs[row["sample_index"]]
+        assert (row["output"], row["finish_reason"], row["completion_tokens"]) == (
+            sample.text, sample.finish_reason, len(sample.token_ids))
+        assert row["prompt_tokens"] == by_row[row["id"]].prompt_tokens
+    prompt_tokens = sum(o.prompt_tokens for o in expected)
+    generated = sum(len(s.token_ids) for o in expected for s in o.outputs)
+    assert (summary.succeeded, summary.prompt_tokens, summary.completion_tokens) == (
+        3, prompt_tokens, generated)
+    [usage_key] = [k for k in store.list("usage/") if job_id in k]
+    [usage] = read_table(store, usage_key).to_pylist()
+    assert (usage["rows"], usage["prompt_tokens"], usage["completion_tokens"]) == (
+        3, prompt_tokens, generated)
+    assert runner.run_shard(store, job_id, 0, llm).succeeded == 3  # the done part's count
+    manifest = finalize_job(store, job_id)
+    assert manifest["counts"]["succeeded_rows"] == 3

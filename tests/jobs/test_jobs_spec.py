@@ -42,6 +42,8 @@ def test_spec_round_trips_through_a_dict():
     ({"model": "m", "seed": "7"}, "seed must be an integer"),
     ({"model": "m", "stop": [""]}, "stop must be a non-empty string"),
     ({"model": "m", "shard_size": 0}, "shard_size must be at least 1"),
+    ({"model": "m", "n": 0}, r"n must be an int in 1\.\.128"),
+    ({"model": "m", "n": 1.5}, "n must be an integer"),
     ({"model": "m", "prompt_column": None}, "prompt_column must be a non-empty string"),
 ])
 def test_bad_spec_values_are_user_errors(values, message):
@@ -67,11 +69,13 @@ def test_sampling_params_take_row_overrides_over_spec_defaults():
     assert row == SamplingParams(max_tokens=3, top_k=-1, seed=5, temperature=0.7, top_p=1.0,
                                  stop=["END"])
     assert isinstance(row.max_tokens, int)
+    assert sampling_params(spec, {"n": 4.0}).n == 4  # a float column of whole numbers
     assert sampling_params(spec, {"stop": []}).stop is None  # an explicit "no stop strings"
     for overrides, message in (({"max_tokens": 2.5}, "max_tokens must be an integer"),
                                ({"max_tokens": -1}, "max_tokens must be at least 1"),
                                ({"temperature": math.inf}, "temperature must be a finite"),
                                ({"top_p": 1.5}, "top_p must be in"),
+                               ({"n": 129}, "n must be an int in"),
                                ({"stop": ["a", None]}, "stop strings must be non-empty")):
         with pytest.raises(ValueError, match=message):
             sampling_params(spec, overrides)
