@@ -76,6 +76,11 @@ class RequestOutput:
     def completion_tokens(self) -> int:
         return len(self.outputs[0].token_ids)
 
+    @property
+    def generated_tokens(self) -> int:
+        """Tokens generated for the request: every sample's (what usage counts)."""
+        return sum(len(sample.token_ids) for sample in self.outputs)
+
     @classmethod
     def failed(cls, request_id: str, prompt_token_ids: list[int], error: str) -> RequestOutput:
         empty = CompletionOutput(0, "", [], None, None, FinishReason.ERROR)

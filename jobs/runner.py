@@ -252,7 +252,7 @@ class _ShardRun:
     def _collect(self, position: int, output: RequestOutput) -> None:
         if output.finish_reason.completed:
             self.outputs[position] = output
-            self.tokens_done += output.prompt_tokens + _generated_tokens(output)
+            self.tokens_done += output.prompt_tokens + output.generated_tokens
         else:  # the engine failed on this row at run time: worth another try
             self.errors[position] = (output.error or f"request {output.finish_reason}",
                                      ErrorKind.TRANSIENT)
@@ -320,7 +320,7 @@ class _ShardRun:
         positions = sorted(self.outputs)
         outputs = [self.outputs[p] for p in positions]
         prompt_tokens = sum(o.prompt_tokens for o in outputs)
-        completion_tokens = sum(_generated_tokens(o) for o in outputs)
+        completion_tokens = sum(o.generated_tokens for o in outputs)
         stats = self.llm.stats()
         write_usage(store, make_usage_record(
             job_id=job_id, shard=index, model=self.spec.model,
@@ -346,11 +346,6 @@ class _ShardRun:
                             failed=len(error_positions), prompt_tokens=prompt_tokens,
                             completion_tokens=completion_tokens,
                             oom_retries=self.backoff.retries)
-
-
-def _generated_tokens(output: RequestOutput) -> int:
-    """Tokens generated for a row: every sample's."""
-    return sum(len(sample.token_ids) for sample in output.outputs)
 
 
 def _release_device_memory(llm: LLM) -> None:

@@ -25,15 +25,19 @@ def read_table(store: Store, key: str) -> pa.Table:
 INPUT_ROWS_METADATA = b"batchinfer.input_rows"
 
 
-def count_rows(store: Store, key: str) -> int:
-    """Rows in a Parquet object, from its footer alone (ranged reads on S3)."""
+def _footer(store: Store, key: str) -> pq.FileMetaData:
+    """A Parquet object's footer alone (ranged reads on S3)."""
     with store.open_read(key) as file:
-        return pq.read_metadata(file).num_rows
+        return pq.read_metadata(file)
+
+
+def count_rows(store: Store, key: str) -> int:
+    """Rows in a Parquet object, from its footer."""
+    return _footer(store, key).num_rows
 
 
 def count_input_rows(store: Store, key: str) -> int:
-    """Input rows a results part answers, from its footer alone."""
-    with store.open_read(key) as file:
-        footer = pq.read_metadata(file)
+    """Input rows a results part answers, from its footer."""
+    footer = _footer(store, key)
     metadata = footer.metadata or {}
     return int(metadata[INPUT_ROWS_METADATA]) if INPUT_ROWS_METADATA in metadata else footer.num_rows
