@@ -26,17 +26,27 @@ ELEMENTS_PER_PASS = 1 << 22
 TokenText = Mapping[int, str]  # a token id's Logprob.decoded_token (TokenTexts)
 
 
+# SentencePiece's word marker: a lone token that starts a word decodes without its space.
+WORD_MARKER = "\u2581"
+
+
 class TokenTexts(dict[int, str]):
-    """Token id -> the token as the vocabulary spells it, as vLLM's Logprob.decoded_token
-    (convert_ids_to_tokens; "" past the tokenizer's vocabulary), looked up once per id:
-    a step reports a few tokens for each of hundreds of sequences."""
+    """Token id -> the token as text, as vLLM's Logprob.decoded_token: the token decoded
+    on its own, with the leading space its SentencePiece marker stands for (" the", not
+    "the" or "\u2581the"); "" past the tokenizer's vocabulary. A byte of a multi-byte
+    character decodes to U+FFFD. Looked up once per id: a step reports a few tokens for
+    each of hundreds of sequences."""
 
     def __init__(self, tokenizer: Any) -> None:
         super().__init__()
         self._tokenizer = tokenizer
 
     def __missing__(self, token_id: int) -> str:
-        text = self[token_id] = self._tokenizer.convert_ids_to_tokens(token_id) or ""
+        piece = self._tokenizer.convert_ids_to_tokens(token_id)
+        text = "" if piece is None else self._tokenizer.decode([token_id])
+        if piece is not None and piece.startswith(WORD_MARKER) and not text.startswith(" "):
+            text = " " + text
+        self[token_id] = text
         return text
 
 

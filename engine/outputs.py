@@ -24,7 +24,7 @@ class FinishReason(StrEnum):
 class Logprob:
     logprob: float  # natural log of the token's probability under the raw logits
     rank: int | None = None  # 1 = most likely; ties count as ahead (vLLM's `>=` count)
-    decoded_token: str | None = None  # the token as the vocabulary spells it
+    decoded_token: str | None = None  # the token as text (engine.logprobs.TokenTexts)
 
 
 # Per generated token, a dict of token id -> Logprob: the sampled token (always, with its

@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 from jobs import limits
 from jobs.errors import UserError
 from jobs.spec import (
+    INPUT_ERROR_COLUMN,
     OVERRIDE_COLUMNS,
     RESULT_COLUMNS,
     ROW_INDEX_COLUMN,
@@ -36,6 +37,7 @@ class InputLayout:
     is_messages: bool
     id_column: str | None  # None: rows are identified by their index in the file
     override_columns: tuple[str, ...]
+    error_column: str | None  # INPUT_ERROR_COLUMN where the input has it
     passthrough_columns: tuple[str, ...]  # copied to results: all but the text and id columns
 
     @property
@@ -122,8 +124,12 @@ def input_layout(schema: pa.Schema, spec: JobSpec) -> InputLayout:
         elif not _is_numeric(column_type):
             raise UserError(f"column {name!r} (per-row {name}) must be numeric, got {column_type}")
 
+    error_column = INPUT_ERROR_COLUMN if INPUT_ERROR_COLUMN in names else None
+    if error_column and not _is_string(schema.field(error_column).type):
+        raise UserError(f"column {error_column!r} (a reason the row cannot run) must be "
+                        f"string, got {schema.field(error_column).type}")
     # A per-row logprobs (or prompt_logprobs) count is consumed: its name is a result column.
-    passthrough = tuple(n for n in names if n not in (text, id_column)
+    passthrough = tuple(n for n in names if n not in (text, id_column, error_column)
                         and not (n in overrides and n in RESULT_COLUMNS))
     clashes = [n for n in passthrough if n in RESULT_COLUMNS]
     if clashes:
@@ -131,7 +137,7 @@ def input_layout(schema: pa.Schema, spec: JobSpec) -> InputLayout:
                         f"({', '.join(RESULT_COLUMNS)}); rename them")
     return InputLayout(text_column=text, is_messages=bool(spec.messages_column),
                        id_column=id_column, override_columns=overrides,
-                       passthrough_columns=passthrough)
+                       error_column=error_column, passthrough_columns=passthrough)
 
 
 def _open_parquet(source: str | Path | BinaryIO) -> pq.ParquetFile:

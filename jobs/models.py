@@ -76,6 +76,12 @@ def resolve_model(name: str) -> str:
     return _local_model(Path(name), name, registered)
 
 
+def is_registered(name: str) -> bool:
+    """Whether name is an entry of the BATCHINFER_MODELS registry."""
+    entries, _ = _registry()
+    return name in entries
+
+
 def model_for_submit(name: str) -> str:
     """The model as a job stores it: a local folder (one that exists here and is not a
     registered name) as an absolute path, since workers run in other folders; registered

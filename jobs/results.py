@@ -33,18 +33,21 @@ from jobs.store import Store
 from jobs.tables import read_table
 
 
-def _outcomes(store: Store, job_id: str) -> list[ShardOutcome]:
+def _finished(store: Store, job_id: str) -> list[ShardOutcome]:
     load_manifest(store, job_id)  # an unknown job is "not found", as everywhere
-    outcomes = [o for _, o in sorted(list_outcomes(store, job_id).items()) if o.done]
-    if not outcomes:
+    return [o for _, o in sorted(list_outcomes(store, job_id).items()) if o.done]
+
+
+def _check_has_results(store: Store, job_id: str) -> None:
+    if not _finished(store, job_id):
         raise UserError(f"job {job_id} has no results yet")
-    return outcomes
 
 
-def _shard_tables(store: Store, job_id: str) -> Iterator[pa.Table]:
+def shard_tables(store: Store, job_id: str) -> Iterator[pa.Table]:
     """Each finished shard's result rows, one table per shard, in input order (less the
-    parts' footer metadata, which describes a part, not the merged whole)."""
-    for outcome in _outcomes(store, job_id):
+    parts' footer metadata, which describes a part, not the merged whole); none while no
+    shard has finished."""
+    for outcome in _finished(store, job_id):
         parts = [read_table(store, outcome.results[a]).replace_schema_metadata()
                  for a in sorted(outcome.results)]
         if len(parts) == 1:
@@ -73,7 +76,8 @@ def _in_input_order(store: Store, job_id: str, shard_index: int, table: pa.Table
 
 def merge_results(store: Store, job_id: str) -> pa.Table:
     """Every finished shard's result rows in one table, in input order."""
-    return pa.concat_tables(list(_shard_tables(store, job_id)))
+    _check_has_results(store, job_id)
+    return pa.concat_tables(list(shard_tables(store, job_id)))
 
 
 def write_results_file(store: Store, job_id: str, out_path: str | Path) -> int:
@@ -81,7 +85,8 @@ def write_results_file(store: Store, job_id: str, out_path: str | Path) -> int:
 
     The file appears whole or not at all. Returns the number of rows written.
     """
-    return write_tables_file(_shard_tables(store, job_id), out_path)
+    _check_has_results(store, job_id)
+    return write_tables_file(shard_tables(store, job_id), out_path)
 
 
 def errors_table(store: Store, job_id: str) -> pa.Table:

@@ -89,9 +89,14 @@ def row_requests(rows: pa.Table, layout: InputLayout, spec: JobSpec, tokenizer: 
     for batch in rows.to_batches(max_chunksize=READ_BATCH_ROWS):
         texts = batch.column(layout.text_column).to_pylist()
         overrides = {name: batch.column(name).to_pylist() for name in layout.override_columns}
-        for offset, text in enumerate(texts):
-            row_values = {name: values[offset] for name, values in overrides.items()}
-            yield (position, *_prepare(text, row_values, layout, spec, tokenizer, max_chars))
+        errors = (batch.column(layout.error_column).to_pylist() if layout.error_column
+                  else [None] * batch.num_rows)
+        for offset, (text, error) in enumerate(zip(texts, errors, strict=True)):
+            if error is not None:
+                yield position, None, None, error
+            else:
+                row_values = {name: values[offset] for name, values in overrides.items()}
+                yield (position, *_prepare(text, row_values, layout, spec, tokenizer, max_chars))
             position += 1
 
 

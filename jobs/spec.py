@@ -26,6 +26,9 @@ FLOAT_OVERRIDES = ("temperature", "top_p", "presence_penalty", "frequency_penalt
 OVERRIDE_COLUMNS = (*INTEGER_OVERRIDES, *FLOAT_OVERRIDES, "stop", "response_format")
 # The id column of results and errors when the input names none.
 ROW_INDEX_COLUMN = "row_index"
+# A row whose input_error is set does not run: it is an invalid row with that reason (a
+# converter, such as jobs/openai_requests.py, found it unusable before the job existed).
+INPUT_ERROR_COLUMN = "input_error"
 RESULT_COLUMNS = ("sample_index", "output", "finish_reason", "prompt_tokens",
                   "completion_tokens", "cached_tokens", "logprobs", "cumulative_logprob",
                   "prompt_logprobs")

@@ -28,6 +28,7 @@ from workers.commands import (
     cmd_nightly,
     cmd_results,
     cmd_retry,
+    cmd_serve,
     cmd_status,
     cmd_submit,
     cmd_worker,
@@ -58,14 +59,16 @@ _METAVARS = {int: "N", float: "X"}
 def add_submit_arguments(parser: argparse.ArgumentParser) -> None:
     """The submit flags, shared by `batchinfer submit` and scripts/submit.py: one per job
     spec field (jobs/spec.py), then how to follow the job."""
-    parser.add_argument("input", metavar="INPUT.parquet", help="Parquet file of prompts")
+    parser.add_argument("input", metavar="INPUT.parquet",
+                        help="Parquet file of prompts, or an OpenAI Batch input file "
+                             "(.jsonl request lines: the model and sampling come from them)")
     text_source = parser.add_mutually_exclusive_group()
     for option in spec_options():
         target = text_source if option.name in ("prompt_column", "messages_column") else parser
         default = "" if option.default is None else f" (default {option.default})"
         # Unset flags stay None, so the spec's own default applies.
         target.add_argument(option.flag, dest=option.name, type=option.parse,
-                            help=option.help + default, required=option.name == "model",
+                            help=option.help + default,
                             metavar=_METAVARS.get(option.parse, option.name.split("_")[-1].upper()),
                             **({"action": "append"} if option.name == "stop" else {}))
     parser.add_argument("--wait", action="store_true", help="wait for the job, with a progress bar")
@@ -112,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     results = _job_command(sub, "results", help="download a job's merged results")
     results.add_argument("-o", "--output", required=True, metavar="OUT.parquet")
+    results.add_argument("--format", choices=("parquet", "jsonl"), default="parquet",
+                         help="parquet (default), or jsonl: OpenAI Batch output lines, in "
+                              "input order")
     results.set_defaults(func=cmd_results)
 
     errors = _job_command(
@@ -123,6 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     errors.add_argument("-o", "--output", metavar="ERRORS.parquet",
                         help="write the failed rows here instead of printing them")
     errors.add_argument("--json", action="store_true", help="print a JSON list")
+    errors.add_argument("--format", choices=("parquet", "jsonl"), default="parquet",
+                        help="with -o: parquet (default), or jsonl: OpenAI Batch error lines")
     errors.set_defaults(func=cmd_errors)
 
     cancel = _job_command(sub, "cancel", help="cancel a job (rows already written stay)")
@@ -166,6 +174,19 @@ def build_parser() -> argparse.ArgumentParser:
     flower.add_argument("--insecure-loopback-dev", action="store_true",
                         help="allow running without credentials, on a loopback address only")
     flower.set_defaults(func=cmd_flower)
+
+    serve = sub.add_parser(
+        "serve", help="the OpenAI Files and Batches API (for the openai SDK)",
+        description="Serve OpenAI's /v1/files and /v1/batches over the configured store and "
+                    "broker, so code written for the OpenAI Batch API runs here with another "
+                    "base_url and api_key (docs at /docs). Every request needs a Bearer key "
+                    "from the file BATCHINFER_API_KEYS names (keys or their SHA-256, one a "
+                    "line); it refuses to start without. Batches run models registered in "
+                    "BATCHINFER_MODELS.")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default "
+                                                           "127.0.0.1, this machine only)")
+    serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    serve.set_defaults(func=cmd_serve)
 
     beat = sub.add_parser(
         "beat", help="schedule the nightly tasks (Celery beat)",

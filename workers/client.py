@@ -18,8 +18,11 @@ from typing import Any
 import pyarrow as pa
 
 from jobs import delete, finalize, manifest, progress, results, retry, settings
+from jobs.errors import UserError
 from jobs.keys import validate_job_id
 from jobs.manifest import TERMINAL_STATES, JobState
+from jobs.openai_requests import parse_batch_file
+from jobs.openai_responses import ResponseRenderer, unfinished_code, write_lines
 from jobs.planner import Shard
 from jobs.spec import DEFAULT_QUEUE, JobSpec, load_spec
 from jobs.store import Store, open_store
@@ -132,6 +135,16 @@ class Job:
         is still going."""
         delete.delete_job(self.client.store, self.id)
 
+    def download_openai_lines(self, out_path: str | Path, errors: bool = False) -> int:
+        """Write the job's results as OpenAI Batch output lines (errors=True: its error
+        lines, with the requests a cancelled or failed job never ran) to a local JSONL
+        file; returns the line count."""
+        renderer = ResponseRenderer(self.client.store, self.id)
+        state = manifest.load_manifest(self.client.store, self.id)["state"]
+        lines = (renderer.error_lines(unfinished_code(state)) if errors
+                 else renderer.output_lines())
+        return write_lines(lines, out_path)
+
     def results(self) -> pa.Table:
         """All result rows of the finished shards, in input order."""
         return results.merge_results(self.client.store, self.id)
@@ -172,6 +185,21 @@ class Client:
 
         job_id, _created = submit_job(self.store, source, job_spec, enqueue)
         return Job(self, job_id)
+
+    def submit_batch_file(self, path: str | Path, **spec: Any) -> Job:
+        """Submit an OpenAI Batch input file (JSONL request lines, jobs/openai_requests.py):
+        the model and sampling come from its lines; spec: other JobSpec fields (shard
+        size, queue, ...). A file that cannot run is a UserError listing why."""
+        try:
+            data = Path(path).read_bytes()
+        except OSError as error:
+            raise UserError(f"cannot read {path}: {error.strerror}") from None
+        requests = parse_batch_file(data)
+        model = spec.pop("model", None)
+        if model is not None and model != requests.model:
+            raise UserError(f"--model {model!r} differs from the model the lines name, "
+                            f"{requests.model!r}")
+        return self.submit(requests.table, **{**requests.job_settings(), **spec})
 
     def job(self, job_id: str) -> Job:
         return Job(self, job_id)

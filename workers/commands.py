@@ -54,7 +54,12 @@ def cmd_submit(args: argparse.Namespace) -> int:
         raise UserError("--output needs --wait (or use `batchinfer results JOB -o FILE` later)")
     spec = {option.name: getattr(args, option.name) for option in spec_options()
             if getattr(args, option.name) is not None}
-    job = _client().submit(args.input, **spec)
+    if args.input.endswith(".jsonl"):
+        job = _client().submit_batch_file(args.input, **spec)
+    elif "model" not in spec:
+        raise UserError("--model is required (an OpenAI Batch .jsonl file names its own)")
+    else:
+        job = _client().submit(args.input, **spec)
     if args.json:
         _print_json({"job_id": job.id})
     else:
@@ -148,13 +153,24 @@ def cmd_jobs(args: argparse.Namespace) -> int:
 
 
 def cmd_results(args: argparse.Namespace) -> int:
-    rows = _client().job(args.job).download_results(args.output)
+    job = _client().job(args.job)
+    if args.format == "jsonl":
+        lines = job.download_openai_lines(args.output)
+        print(f"wrote {lines} OpenAI output lines to {args.output}", file=sys.stderr)
+        return EXIT_OK
+    rows = job.download_results(args.output)
     print(f"wrote {rows} result rows to {args.output}", file=sys.stderr)
     return EXIT_OK
 
 
 def cmd_errors(args: argparse.Namespace) -> int:
     job = _client().job(args.job)
+    if args.format == "jsonl":
+        if not args.output:
+            raise UserError("--format jsonl needs -o OUT.jsonl")
+        lines = job.download_openai_lines(args.output, errors=True)
+        print(f"wrote {lines} OpenAI error lines to {args.output}", file=sys.stderr)
+        return EXIT_OK
     if args.output:
         rows = job.download_errors(args.output)
         print(f"wrote {rows} failed rows to {args.output}", file=sys.stderr)
@@ -213,6 +229,13 @@ def cmd_flower(args: argparse.Namespace) -> NoReturn:
 
     run_flower(address=args.address, port=args.port, basic_auth=args.basic_auth,
                insecure_loopback_dev=args.insecure_loopback_dev)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from workers.api.app import run_server
+
+    run_server(host=args.host, port=args.port)
+    return EXIT_OK
 
 
 def cmd_beat(args: argparse.Namespace) -> NoReturn:

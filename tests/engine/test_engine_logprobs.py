@@ -114,7 +114,13 @@ def test_stories260k_logprobs(stories260k, hf):
         entry = output.outputs[0].logprobs[0]
         token_id = output.token_ids[0]
         assert entry[token_id].rank == 1  # greedy: the sampled token is the most likely
-        assert entry[token_id].decoded_token == llm.tokenizer.convert_ids_to_tokens(token_id)
+        # As text, as vLLM: a word's first token with its space, a byte token as its byte.
+        piece = llm.tokenizer.convert_ids_to_tokens(token_id)
+        assert entry[token_id].decoded_token == piece.replace("\u2581", " ")
+    spelled = {t: llm.tokenizer.convert_ids_to_tokens(t) for t in range(llm.config.vocab_size)}
+    newline = next(t for t, piece in spelled.items() if piece == "<0x0A>")
+    word = next(t for t, piece in spelled.items() if piece == "\u2581the")
+    assert llm._token_text[newline] == "\n" and llm._token_text[word] == " the"
 
 
 def test_prompt_logprobs_with_a_cached_prefix(tiny_llama, hf, make_prompt):

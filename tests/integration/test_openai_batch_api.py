@@ -1,0 +1,361 @@
+"""`batchinfer serve` driven by the official openai SDK: a live server on a free loopback
+port over real Redis, the moto S3 server and a worker process, as a user's code would
+drive OpenAI's Batch API with another base_url and api_key."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import openai
+import pytest
+
+from engine import LLM, SamplingParams
+from tests.servers import free_port, log_tail, wait_until
+from tests.worker_processes import running_workers, worker_env
+
+KEY, OTHER_KEY = "sk-test-one", "sk-test-two"
+MODEL = "tiny-chat"
+BATCH_TIMEOUT = 240
+CHAT = "/v1/chat/completions"
+COMPLETIONS = "/v1/completions"
+
+
+_ENVIRONMENTS: dict[str, dict] = {}  # a server's URL -> its environment
+
+
+def _server_env(url: str) -> dict:
+    return _ENVIRONMENTS[url]
+
+
+@pytest.fixture(scope="module")
+def api(tmp_path_factory, redis_server, s3_server, tiny_llama) -> Iterator[str]:
+    """A serve process and one worker over the same store and broker; the server's URL."""
+    folder = tmp_path_factory.mktemp("api")
+    (folder / "models.json").write_text(json.dumps({MODEL: str(tiny_llama)}))
+    # One key as itself, one as its SHA-256: both forms a keys file takes.
+    (folder / "keys").write_text(f"# keys\n{KEY}\n"
+                                 f"sha256:{hashlib.sha256(OTHER_KEY.encode()).hexdigest()}\n")
+    store_url = f"s3://{s3_server.bucket}/api-{uuid.uuid4().hex[:8]}"
+    # Shards of 10 requests: a batch that stops early keeps the shards that finished.
+    env = worker_env(redis_server.url, store_url, BATCHINFER_MODELS=str(folder / "models.json"),
+                     BATCHINFER_API_KEYS=str(folder / "keys"), BATCHINFER_API_SHARD_SIZE="10")
+    port = free_port()
+    log = folder / "serve.log"
+    with open(log, "wb") as out:
+        server = subprocess.Popen([sys.executable, "-m", "workers.cli", "serve", "--port",
+                                   str(port)], env=env, stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    _ENVIRONMENTS[url] = env
+    try:
+        wait_until(lambda: _answers(url), 60, f"serve on port {port}")
+        with running_workers(1, env, folder):
+            yield url
+    except BaseException:
+        print(f"--- serve log ---\n{log_tail(log, 60)}")
+        raise
+    finally:
+        server.terminate()
+        server.wait(30)
+
+
+def _answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/docs", timeout=5):
+            return True
+    except OSError:
+        return False
+
+
+def _client(api: str, key: str = KEY) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{api}/v1", api_key=key, max_retries=0)
+
+
+def _line(custom_id: str, body: dict, url: str = CHAT) -> dict:
+    return {"custom_id": custom_id, "method": "POST", "url": url, "body": {"model": MODEL,
+                                                                           **body}}
+
+
+def _upload(client: openai.OpenAI, lines: list[dict], tmp_path: Path) -> str:
+    path = tmp_path / f"requests-{uuid.uuid4().hex[:6]}.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    with path.open("rb") as file:
+        return client.files.create(file=file, purpose="batch").id
+
+
+def _wait(client: openai.OpenAI, batch_id: str, timeout: float = BATCH_TIMEOUT):
+    deadline = time.monotonic() + timeout
+    while True:
+        batch = client.batches.retrieve(batch_id)
+        if batch.status in ("completed", "failed", "expired", "cancelled"):
+            return batch
+        assert time.monotonic() < deadline, f"batch still {batch.status}"
+        time.sleep(0.5)
+
+
+def _lines(client: openai.OpenAI, file_id: str | None) -> list[dict]:
+    if file_id is None:
+        return []
+    return [json.loads(line) for line in client.files.content(file_id).text.splitlines()]
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_llama) -> LLM:
+    """The engine as the worker runs it (float32), for the outputs each request must have."""
+    return LLM(str(tiny_llama), dtype="float32", device="cpu", kv_cache_memory="64MiB")
+
+
+def _chat_text(engine: LLM, messages: list[dict], max_tokens: int) -> str:
+    prompt = engine.tokenizer.apply_chat_template(messages, tokenize=False,
+                                                  add_generation_prompt=True)
+    [output] = engine.generate([prompt], SamplingParams(max_tokens=max_tokens, temperature=0))
+    return output.text
+
+
+def test_a_chat_batch_runs_every_request_once(api, engine, tmp_path):
+    client = _client(api)
+    chats = [[{"role": "user", "content": f"tell me about cat {i}"}] for i in range(6)]
+    lines = [_line(f"req-{i}", {"messages": chat, "max_tokens": 6 + i, "temperature": 0})
+             for i, chat in enumerate(chats)]
+    lines.append(_line("scored", {"messages": chats[0], "max_tokens": 4, "temperature": 0,
+                                  "logprobs": True, "top_logprobs": 2}))
+    lines.append(_line("two", {"messages": chats[1], "max_tokens": 5, "n": 2, "seed": 3}))
+    lines.append(_line("bad", {"messages": chats[2], "tools": []}))
+    lines.append(_line("too-hot", {"messages": chats[2], "temperature": -1}))
+    file_id = _upload(client, lines, tmp_path)
+    batch = client.batches.create(input_file_id=file_id, endpoint=CHAT,
+                                  completion_window="24h", metadata={"team": "labels"})
+    assert batch.status == "in_progress" and batch.metadata == {"team": "labels"}
+    batch = _wait(client, batch.id)
+    assert batch.status == "completed", batch
+    assert (batch.request_counts.total, batch.request_counts.completed,
+            batch.request_counts.failed) == (10, 8, 2)
+    assert batch.completed_at >= batch.in_progress_at >= batch.created_at
+
+    outputs = _lines(client, batch.output_file_id)
+    errors = _lines(client, batch.error_file_id)
+    # Every request exactly once, outputs in input order.
+    assert [line["custom_id"] for line in outputs] == [f"req-{i}" for i in range(6)] + [
+        "scored", "two"]
+    assert [line["custom_id"] for line in errors] == ["bad", "too-hot"]
+    for i, line in enumerate(outputs[:6]):
+        body = line["response"]["body"]
+        assert line["response"]["status_code"] == 200 and line["error"] is None
+        assert body["object"] == "chat.completion" and body["model"] == MODEL
+        [choice] = body["choices"]
+        assert choice["message"]["content"] == _chat_text(engine, chats[i], 6 + i)
+        assert choice["finish_reason"] in ("stop", "length")
+    usage = [line["response"]["body"]["usage"] for line in outputs]
+    assert batch.usage.input_tokens == sum(u["prompt_tokens"] for u in usage)
+    assert batch.usage.output_tokens == sum(u["completion_tokens"] for u in usage)
+
+    scored = outputs[6]["response"]["body"]["choices"][0]
+    tokens = scored["logprobs"]["content"]
+    assert len(tokens) == outputs[6]["response"]["body"]["usage"]["completion_tokens"]
+    for token in tokens:
+        assert token["logprob"] <= 0 and len(token["top_logprobs"]) == 2
+        assert token["top_logprobs"][0]["logprob"] >= token["top_logprobs"][1]["logprob"]
+        assert token["top_logprobs"][0]["logprob"] == token["logprob"]  # greedy: the best
+    two = outputs[7]["response"]["body"]
+    assert [c["index"] for c in two["choices"]] == [0, 1]
+    assert 2 <= two["usage"]["completion_tokens"] <= 10  # both samples' tokens, 5 at most each
+
+    assert errors[0]["response"]["status_code"] == 400
+    assert "body.tools is not supported" in errors[0]["response"]["body"]["error"]["message"]
+    assert "temperature" in errors[1]["response"]["body"]["error"]["message"]
+
+
+def test_a_completions_batch_with_logprobs(api, engine, tmp_path):
+    client = _client(api)
+    prompts = ["the cat sat", "a dog ran to the", "once upon"]
+    lines = [_line(f"p{i}", {"prompt": p, "max_tokens": 5, "temperature": 0, "logprobs": 3},
+                   COMPLETIONS) for i, p in enumerate(prompts)]
+    batch = client.batches.create(input_file_id=_upload(client, lines, tmp_path),
+                                  endpoint=COMPLETIONS, completion_window="24h")
+    batch = _wait(client, batch.id)
+    assert batch.status == "completed" and batch.error_file_id is None
+    outputs = _lines(client, batch.output_file_id)
+    expected = engine.generate(prompts, SamplingParams(max_tokens=5, temperature=0))
+    for line, want in zip(outputs, expected, strict=True):
+        body = line["response"]["body"]
+        assert body["object"] == "text_completion"
+        [choice] = body["choices"]
+        assert choice["text"] == want.text
+        logprobs = choice["logprobs"]
+        assert len(logprobs["tokens"]) == len(want.token_ids) == len(logprobs["token_logprobs"])
+        assert all(len(top) <= 3 for top in logprobs["top_logprobs"])
+        assert logprobs["text_offset"][0] == 0
+
+
+def test_a_malformed_file_fails_the_batch_with_errors(api, tmp_path):
+    client = _client(api)
+    good = _line("a", {"messages": [{"role": "user", "content": "hi"}]})
+    path = tmp_path / "bad.jsonl"
+    path.write_text("\n".join([json.dumps(good), "{not json", json.dumps(good),
+                               json.dumps({**good, "custom_id": "b", "url": COMPLETIONS})]))
+    with path.open("rb") as file:
+        file_id = client.files.create(file=file, purpose="batch").id
+    batch = client.batches.create(input_file_id=file_id, endpoint=CHAT, completion_window="24h")
+    assert batch.status == "failed" and batch.failed_at is not None
+    assert [(e.code, e.line) for e in batch.errors.data] == [
+        ("invalid_json_line", 2), ("duplicate_custom_id", 3), ("mismatched_url", 4)]
+    assert client.batches.retrieve(batch.id).status == "failed"
+
+    unknown = _upload(client, [_line("a", {"messages": [{"role": "user", "content": "x"}]})
+                               | {"body": {"model": "/etc", "messages": []}}], tmp_path)
+    batch = client.batches.create(input_file_id=unknown, endpoint=CHAT, completion_window="24h")
+    assert batch.status == "failed" and batch.errors.data[0].code == "model_not_found"
+
+
+def test_keys_and_owners(api, tmp_path):
+    client = _client(api)
+    file_id = _upload(client, [_line("a", {"messages": [{"role": "user", "content": "x"}],
+                                           "max_tokens": 3})], tmp_path)
+    with pytest.raises(openai.AuthenticationError):
+        _client(api, "sk-wrong").files.list()
+    with pytest.raises(urllib.error.HTTPError) as refused:  # no Authorization header
+        urllib.request.urlopen(f"{api}/v1/batches", timeout=10)
+    assert refused.value.code == 401
+    assert json.load(refused.value)["error"]["code"] == "invalid_api_key"
+    other = _client(api, OTHER_KEY)
+    with pytest.raises(openai.NotFoundError):
+        other.files.retrieve(file_id)
+    with pytest.raises(openai.NotFoundError):
+        other.files.content(file_id)
+    with pytest.raises(openai.NotFoundError):
+        other.batches.create(input_file_id=file_id, endpoint=CHAT, completion_window="24h")
+    batch = client.batches.create(input_file_id=file_id, endpoint=CHAT, completion_window="24h")
+    with pytest.raises(openai.NotFoundError):
+        other.batches.retrieve(batch.id)
+    with pytest.raises(openai.NotFoundError):
+        other.batches.cancel(batch.id)
+    assert batch.id not in [b.id for b in other.batches.list()]
+    assert file_id not in [f.id for f in other.files.list()]
+    with pytest.raises(openai.BadRequestError):
+        client.batches.create(input_file_id=file_id, endpoint="/v1/embeddings",
+                              completion_window="24h")
+    _wait(client, batch.id)
+    assert client.files.delete(file_id).deleted
+    with pytest.raises(openai.NotFoundError):
+        client.files.retrieve(file_id)
+
+
+def test_listing_batches_pages_newest_first(api, tmp_path):
+    client = _client(api, OTHER_KEY)
+    file_id = _upload(client, ["not a request"], tmp_path)  # each batch fails at once
+    created = [client.batches.create(input_file_id=file_id, endpoint=CHAT,
+                                     completion_window="24h").id for _ in range(5)]
+    first = client.batches.list(limit=2)
+    assert first.has_more and [b.id for b in first.data] == created[::-1][:2]
+    every = [b.id for b in client.batches.list(limit=2)]  # the SDK follows the cursor
+    assert every[:5] == created[::-1]
+
+
+def _long_lines(count: int, short: int = 0) -> list[dict]:
+    """count requests, the first `short` of them (one shard) of two tokens, the others
+    running to the context (512 tokens): many seconds of work on the worker."""
+    return [_line(f"long-{i}", {"messages": [{"role": "user", "content": f"story {i}"}],
+                                "max_tokens": 2 if i < short else 2000, "temperature": 0})
+            for i in range(count)]
+
+
+def _covers_once(outputs: list[dict], errors: list[dict], count: int, code: str) -> None:
+    ids = [line["custom_id"] for line in outputs + errors]
+    assert sorted(ids) == sorted(f"long-{i}" for i in range(count))
+    unfinished = [line for line in errors if line["response"] is None]
+    assert unfinished and all(line["error"]["code"] == code for line in unfinished)
+
+
+def test_cancel_keeps_what_ran(api, tmp_path):
+    client = _client(api)
+    count = 40
+    batch = client.batches.create(input_file_id=_upload(client, _long_lines(count), tmp_path),
+                                  endpoint=CHAT, completion_window="24h")
+    cancelled = client.batches.cancel(batch.id)
+    assert cancelled.status in ("cancelling", "cancelled")
+    batch = _wait(client, batch.id)
+    assert batch.status == "cancelled" and batch.cancelled_at >= batch.cancelling_at
+    outputs, errors = _lines(client, batch.output_file_id), _lines(client, batch.error_file_id)
+    _covers_once(outputs, errors, count, "batch_cancelled")
+    counts = batch.request_counts
+    assert (counts.completed, counts.failed) == (len(outputs), count - len(outputs))
+
+
+def test_an_expired_window_stops_the_batch(api, tmp_path):
+    client = _client(api)
+    count = 200
+    lines = _long_lines(count, short=10)
+    batch = client.batches.create(input_file_id=_upload(client, lines, tmp_path),
+                                  endpoint=CHAT, completion_window="4s")
+    assert batch.expires_at == batch.created_at + 4
+    batch = _wait(client, batch.id)
+    assert batch.status == "expired" and batch.expired_at >= batch.expires_at
+    outputs, errors = _lines(client, batch.output_file_id), _lines(client, batch.error_file_id)
+    _covers_once(outputs, errors, count, "batch_expired")
+    # The first shard, quick, finished in time: its requests are kept.
+    assert {f"long-{i}" for i in range(10)} <= {line["custom_id"] for line in outputs}
+    assert (batch.request_counts.completed, batch.request_counts.failed) == (
+        len(outputs), count - len(outputs))
+
+
+def test_serve_refuses_to_start_without_keys(tmp_path):
+    env = {"PATH": "/usr/bin:/bin", "BATCHINFER_HOME": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-m", "workers.cli", "serve", "--port",
+                           str(free_port())], env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "batchinfer: error: BATCHINFER_API_KEYS is not set: the server needs a file of API "
+        "keys (one a line, or their SHA-256) and refuses to start without"]
+
+
+def test_the_same_file_through_the_cli(api, tmp_path):
+    """`batchinfer submit requests.jsonl` and `results --format jsonl`: the lines the API
+    gives, for the same file, without the server."""
+    client = _client(api)
+    lines = [_line(f"c{i}", {"messages": [{"role": "user", "content": f"hello {i}"}],
+                             "max_tokens": 5, "temperature": 0}) for i in range(3)]
+    lines.append(_line("broken", {"messages": "not a list"}))
+    path = tmp_path / "requests.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    with path.open("rb") as file:
+        file_id = client.files.create(file=file, purpose="batch").id
+    batch = _wait(client, client.batches.create(input_file_id=file_id, endpoint=CHAT,
+                                                completion_window="24h").id)
+    env = _server_env(api)
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "workers.cli", *args], env=env,
+                              capture_output=True, text=True, timeout=BATCH_TIMEOUT)
+
+    submitted = cli("submit", str(path), "--wait")
+    assert submitted.returncode == 3, submitted.stderr  # completed, one request failed
+    job_id = submitted.stdout.strip()
+    assert cli("results", job_id, "--format", "jsonl", "-o", str(tmp_path / "out.jsonl")
+               ).returncode == 0
+    assert cli("errors", job_id, "--format", "jsonl", "-o", str(tmp_path / "err.jsonl")
+               ).returncode == 0
+
+    def comparable(line: dict) -> tuple:
+        response = line["response"]
+        body = response["body"]
+        usage = body.get("usage", {})  # less cached tokens: the second run hits the cache
+        return (line["custom_id"], response["status_code"], body.get("choices"),
+                usage.get("prompt_tokens"), usage.get("completion_tokens"),
+                body.get("error", {}).get("message"))
+
+    from_cli = [json.loads(x) for x in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [comparable(x) for x in from_cli] == [
+        comparable(x) for x in _lines(client, batch.output_file_id)]
+    errors = [json.loads(x) for x in (tmp_path / "err.jsonl").read_text().splitlines()]
+    assert [comparable(x) for x in errors] == [
+        comparable(x) for x in _lines(client, batch.error_file_id)]
+    assert cli("submit", str(path), "--model", "other").returncode == 2

@@ -1,0 +1,241 @@
+"""A batch's life: validated and made a job when created, then its status, counts, usage
+and files read from the job's manifest whenever it is looked at.
+
+Statuses from the job's states:
+
+| job state                        | batch status                                   |
+|----------------------------------|------------------------------------------------|
+| (the input file is invalid)      | `failed`, with `errors`                        |
+| validating                       | `validating`                                   |
+| queued, running                  | `in_progress` (`cancelling` once cancelled)    |
+| finalizing                       | `finalizing`                                   |
+| cancelling                       | `cancelling` (`finalizing` when it expired)    |
+| completed                        | `completed`                                    |
+| failed                           | `failed`                                       |
+| cancelled                        | `cancelled`, or `expired` past its window      |
+
+A batch whose window ends before its job does is cancelled; its finished requests are
+kept and the others go to the error file with code `batch_expired`. A final status is
+shown only once the output and error files are written, so a client that sees it can
+read them at once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from jobs import finalize, models, progress
+from jobs.errors import UserError
+from jobs.manifest import TERMINAL_STATES, JobState, load_manifest, request_cancel
+from jobs.openai_requests import BatchFileInvalid, parse_batch_file
+from jobs.openai_responses import ResponseRenderer, unfinished_code, write_lines
+from jobs.settings import env_number
+from jobs.store import NotFound, Store, get_json
+from workers.api import objects
+from workers.client import Client
+
+FINAL_STATUSES = frozenset({"completed", "failed", "expired", "cancelled"})
+WINDOW = re.compile(r"([1-9][0-9]*)([smhd])")
+_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+MAX_METADATA_PAIRS = 16
+# Where active batches are listed, so the server can expire those nobody looks at.
+ACTIVE_PREFIX = f"{objects.PREFIX}active/"
+
+
+def api_shard_size() -> int:
+    """Requests per shard of a batch (BATCHINFER_API_SHARD_SIZE, default 1000): a batch
+    that expires or is cancelled keeps its finished shards, so smaller shards keep more."""
+    return int(env_number("BATCHINFER_API_SHARD_SIZE", 1000, positive=True))
+
+
+def window_seconds(window: str) -> int:
+    """"24h" (OpenAI's only window), or any count of s, m, h or d; ValueError if not."""
+    match = WINDOW.fullmatch(window) if isinstance(window, str) else None
+    if match is None:
+        raise ValueError(f"completion_window must be like 24h (a count of s, m, h or d), "
+                         f"got {window!r}")
+    return int(match.group(1)) * _SECONDS[match.group(2)]
+
+
+def check_metadata(metadata: Any) -> dict[str, str] | None:
+    if metadata is None:
+        return None
+    if (not isinstance(metadata, dict) or len(metadata) > MAX_METADATA_PAIRS
+            or not all(isinstance(k, str) and len(k) <= 64 and isinstance(v, str)
+                       and len(v) <= 512 for k, v in metadata.items())):
+        raise ValueError("metadata must be at most 16 string pairs (keys up to 64 "
+                         "characters, values up to 512)")
+    return metadata
+
+
+def create_batch(client: Client, owner: str, input_file: dict[str, Any], endpoint: str,
+                 window: str, metadata: dict[str, str] | None) -> dict[str, Any]:
+    """A new batch over input_file (owner's); its job is queued, or the batch is failed
+    with the reasons its file cannot run."""
+    store = client.store
+    created = objects.now()
+    record: dict[str, Any] = {
+        "id": objects.new_batch_id(), "object": "batch", "endpoint": endpoint,
+        "errors": None, "input_file_id": input_file["id"], "completion_window": window,
+        "status": "validating", "output_file_id": None, "error_file_id": None,
+        "created_at": created, "in_progress_at": None,
+        "expires_at": created + window_seconds(window), "finalizing_at": None,
+        "completed_at": None, "failed_at": None, "expired_at": None, "cancelling_at": None,
+        "cancelled_at": None, "request_counts": {"total": 0, "completed": 0, "failed": 0},
+        "metadata": metadata, "model": None, "usage": None, "owner": owner,
+    }
+    objects.save_new(store, "batches", record)
+    try:
+        requests = parse_batch_file(store.get_bytes(objects.content_key(input_file["id"])),
+                                    endpoint)
+        record["model"] = requests.model
+        if not models.is_registered(requests.model):
+            raise BatchFileInvalid([{"code": "model_not_found", "line": 1,
+                                     "param": "body.model",
+                                     "message": f"model {requests.model!r} is not one of "
+                                                f"this server's models (BATCHINFER_MODELS)"}])
+        job = client.submit(requests.table, **requests.job_settings(),
+                            shard_size=api_shard_size())
+    except BatchFileInvalid as invalid:
+        return _fail(store, record, invalid.errors)
+    except UserError as error:
+        return _fail(store, record, [{"code": "invalid_request", "message": str(error),
+                                      "param": None, "line": None}])
+    record.update(_job_id=job.id, status="in_progress", in_progress_at=objects.now(),
+                  request_counts={"total": requests.table.num_rows, "completed": 0,
+                                  "failed": 0})
+    objects.save(store, record)
+    store.put_bytes(ACTIVE_PREFIX + record["id"], b"")
+    return record
+
+
+def _fail(store: Store, record: dict[str, Any], errors: list[dict[str, Any]]) -> dict[str, Any]:
+    record.update(status="failed", failed_at=objects.now(),
+                  errors={"object": "list", "data": errors})
+    objects.save(store, record)
+    return record
+
+
+def cancel_batch(client: Client, record: dict[str, Any]) -> dict[str, Any]:
+    """Stop a batch's job (requests already done stay); a batch that has ended is left."""
+    record = refresh(client.store, record)
+    if record["status"] in FINAL_STATUSES or record["status"] == "cancelling":
+        return record
+    record["cancelling_at"] = objects.now()
+    objects.save(client.store, record)
+    client.job(record["_job_id"]).cancel(by="the OpenAI API (batches.cancel)")
+    return refresh(client.store, record)
+
+
+def refresh(store: Store, record: dict[str, Any]) -> dict[str, Any]:
+    """The batch as its job stands now (expiring it when its window has ended); a batch
+    that ended is saved with its files and not read again."""
+    if record["status"] in FINAL_STATUSES:
+        return record
+    job_id = record["_job_id"]
+    manifest = load_manifest(store, job_id)
+    if (manifest["state"] not in TERMINAL_STATES and not record.get("_expiring")
+            and objects.now() >= record["expires_at"]):
+        record["_expiring"] = True
+        objects.save(store, record)
+        request_cancel(store, job_id, by="the end of its completion window")
+        manifest = finalize.finalize_if_complete(store, job_id) or load_manifest(store, job_id)
+    state = manifest["state"]
+    if state not in TERMINAL_STATES:
+        manifest["progress"] = live = progress.read_progress(store, job_id)
+        progress.add_live_counts(store, manifest, live)
+    record["usage"] = _usage(manifest.get("usage", {}))
+    counts = manifest["counts"]
+    record["request_counts"] = {"total": counts["total_rows"],
+                                "completed": counts.get("succeeded_rows", 0),
+                                "failed": counts.get("failed_rows", 0)}
+    if state in TERMINAL_STATES:
+        return _finish(store, record, manifest)
+    if state == JobState.FINALIZING or record.get("_expiring"):
+        status, stamp = "finalizing", "finalizing_at"
+    elif record["cancelling_at"] or state == JobState.CANCELLING:
+        status, stamp = "cancelling", "cancelling_at"
+    else:
+        status = "validating" if state == JobState.VALIDATING else "in_progress"
+        stamp = None
+    record["status"] = status
+    if stamp and not record[stamp]:  # the first time it is seen: kept
+        record[stamp] = objects.now()
+        objects.save(store, record)
+    return record
+
+
+def _finish(store: Store, record: dict[str, Any], manifest: dict[str, Any]) -> dict[str, Any]:
+    state, expired = manifest["state"], bool(record.get("_expiring"))
+    if state == JobState.CANCELLED:
+        status = "expired" if expired else "cancelled"
+    else:
+        status = "completed" if state == JobState.COMPLETED else "failed"
+    unfinished = unfinished_code(state, expired)
+    record["finalizing_at"] = record["finalizing_at"] or objects.now()
+    renderer = ResponseRenderer(store, record["_job_id"], model=record["model"])
+    record["output_file_id"], completed = _write_file(store, record, "output",
+                                                      renderer.output_lines())
+    record["error_file_id"], _ = _write_file(store, record, "error",
+                                             renderer.error_lines(unfinished))
+    # The counts of the files (a shard still finishing as the job was cancelled may have
+    # landed after the manifest counted): whatever did not complete, failed.
+    counts = record["request_counts"]
+    counts.update(completed=completed, failed=counts["total"] - completed)
+    if status == "failed":
+        record["errors"] = {"object": "list", "data": [
+            {"code": "batch_failed", "message": manifest.get("reason") or "the job failed",
+             "param": None, "line": None}]}
+    record["status"] = status
+    record[f"{status}_at"] = objects.now()
+    objects.save(store, record)
+    store.delete(ACTIVE_PREFIX + record["id"])
+    return record
+
+
+def _write_file(store: Store, batch: dict[str, Any], kind: str,
+                lines: Iterable[bytes]) -> tuple[str | None, int]:
+    """Store a batch's output or error file; its id (None when it has no lines) and its
+    line count. The id comes from the batch's, so a batch finished twice (two servers at
+    once) writes one file."""
+    digest = hashlib.sha256(f"{batch['id']}:{kind}".encode()).hexdigest()
+    file_id = f"file-{digest[:32]}"
+    with tempfile.TemporaryDirectory(prefix="batchinfer-api-") as scratch:
+        path = Path(scratch) / "lines.jsonl"
+        count = write_lines(lines, path)
+        if not count:
+            return None, 0
+        if store.exists(objects.file_key(file_id)):
+            return file_id, count
+        size = path.stat().st_size
+        store.upload_file(path, objects.content_key(file_id))
+    objects.save_new(store, "files", {
+        "id": file_id, "object": "file", "bytes": size, "created_at": objects.now(),
+        "filename": f"{batch['id']}_{kind}.jsonl", "purpose": "batch_output",
+        "status": "processed", "expires_at": None, "status_details": None,
+        "owner": batch["owner"]})
+    return file_id, count
+
+
+def _usage(usage: dict[str, Any]) -> dict[str, Any]:
+    prompt, completion = usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0)
+    return {"input_tokens": prompt, "output_tokens": completion,
+            "total_tokens": prompt + completion,
+            "input_tokens_details": {"cached_tokens": usage.get("cached_tokens", 0)},
+            "output_tokens_details": {"reasoning_tokens": 0}}
+
+
+def expire_overdue(store: Store) -> None:
+    """Look at every active batch once, which expires those past their window."""
+    for key in store.list(ACTIVE_PREFIX):
+        try:
+            record = get_json(store, objects.batch_key(key.removeprefix(ACTIVE_PREFIX)))
+        except NotFound:
+            store.delete(key)
+            continue
+        refresh(store, record)
