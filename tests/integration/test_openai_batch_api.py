@@ -19,14 +19,17 @@ import openai
 import pytest
 
 from engine import LLM, SamplingParams
+from jobs.errors import UserError
 from tests.servers import free_port, log_tail, wait_until
 from tests.worker_processes import running_workers, worker_env
+from workers.api.auth import ApiKeys, key_hash, owner_id
 
 KEY, OTHER_KEY = "sk-test-one", "sk-test-two"
 MODEL = "tiny-chat"
 BATCH_TIMEOUT = 240
 CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
+UPLOAD_LIMIT = 300_000  # bytes: BATCHINFER_MAX_INPUT_BYTES of the server under test
 
 
 _ENVIRONMENTS: dict[str, dict] = {}  # a server's URL -> its environment
@@ -47,7 +50,8 @@ def api(tmp_path_factory, redis_server, s3_server, tiny_llama) -> Iterator[str]:
     store_url = f"s3://{s3_server.bucket}/api-{uuid.uuid4().hex[:8]}"
     # Shards of 10 requests: a batch that stops early keeps the shards that finished.
     env = worker_env(redis_server.url, store_url, BATCHINFER_MODELS=str(folder / "models.json"),
-                     BATCHINFER_API_KEYS=str(folder / "keys"), BATCHINFER_API_SHARD_SIZE="10")
+                     BATCHINFER_API_KEYS=str(folder / "keys"), BATCHINFER_API_SHARD_SIZE="10",
+                     BATCHINFER_MAX_INPUT_BYTES=str(UPLOAD_LIMIT))
     port = free_port()
     log = folder / "serve.log"
     with open(log, "wb") as out:
@@ -248,6 +252,18 @@ def test_keys_and_owners(api, tmp_path):
         client.files.retrieve(file_id)
 
 
+def test_an_upload_over_the_limit_is_refused(api, tmp_path):
+    client = _client(api)
+    path = tmp_path / "big.jsonl"
+    path.write_bytes(b" " * (UPLOAD_LIMIT + 1))
+    with path.open("rb") as file, pytest.raises(openai.APIStatusError) as refused:
+        client.files.create(file=file, purpose="batch")
+    assert refused.value.status_code == 413
+    assert "BATCHINFER_MAX_INPUT_BYTES" in refused.value.message
+    assert str(tmp_path) not in refused.value.message  # no paths in errors
+    assert [f.filename for f in client.files.list()].count("big.jsonl") == 0
+
+
 def test_listing_batches_pages_newest_first(api, tmp_path):
     client = _client(api, OTHER_KEY)
     file_id = _upload(client, ["not a request"], tmp_path)  # each batch fails at once
@@ -359,3 +375,22 @@ def test_the_same_file_through_the_cli(api, tmp_path):
     assert [comparable(x) for x in errors] == [
         comparable(x) for x in _lines(client, batch.error_file_id)]
     assert cli("submit", str(path), "--model", "other").returncode == 2
+
+
+def test_api_keys_from_a_file(tmp_path, monkeypatch):
+    keys_file = tmp_path / "keys"
+    keys_file.write_text(f"# team keys\n\nsk-plain\nsha256:{key_hash('sk-hashed')}\n"
+                         f"{key_hash('sk-bare').upper()}\n")
+    monkeypatch.setenv("BATCHINFER_API_KEYS", str(keys_file))
+    keys = ApiKeys.from_env()
+    for key in ("sk-plain", "sk-hashed", "sk-bare"):
+        assert keys.owner(f"Bearer {key}") == owner_id(key_hash(key))
+    assert keys.owner("Bearer sk-other") is None
+    assert keys.owner("sk-plain") is None  # not a Bearer header
+    assert keys.owner(None) is None
+    keys_file.write_text("# nothing\n")
+    with pytest.raises(UserError, match="holds no keys"):
+        ApiKeys.from_env()
+    monkeypatch.setenv("BATCHINFER_API_KEYS", str(tmp_path / "missing"))
+    with pytest.raises(UserError, match="cannot read the keys file"):
+        ApiKeys.from_env()

@@ -13,13 +13,14 @@ import yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_DIR = REPO_ROOT / "compose"
-OURS = ("worker", "nightly-worker", "beat", "flower")
+OURS = ("worker", "nightly-worker", "beat", "flower", "api")
 # What every batchinfer service needs, each documented in .env.example.
 REQUIRED_VARIABLES = (
     "REDIS_PASSWORD", "BATCHINFER_BROKER_URL", "BATCHINFER_STORE_URL", "AWS_ENDPOINT_URL",
     "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "BATCHINFER_MODELS", "BATCHINFER_MODEL_ROOTS",
     "BATCHINFER_GPU_HOURLY_USD", "FLOWER_BASIC_AUTH", "BATCHINFER_SCAN_INBOX_CRON",
     "BATCHINFER_ROLLUP_CRON", "BATCHINFER_EXPIRE_CRON", "BATCHINFER_RETENTION_DAYS",
+    "BATCHINFER_API_KEYS",
 )
 
 
@@ -71,6 +72,9 @@ def test_services_and_how_they_start(compose):
     assert commands["worker"] == ["batchinfer", "worker", "--gpus", "all"]
     assert commands["beat"] == ["batchinfer", "beat"]
     assert commands["flower"] == ["batchinfer", "flower", "--address", "0.0.0.0", "--port", "5555"]
+    assert commands["api"] == ["batchinfer", "serve", "--host", "0.0.0.0", "--port", "8000"]
+    # Published on the host's loopback unless the operator says otherwise.
+    assert services["api"]["ports"] == ["${API_PUBLISH_ADDRESS:-127.0.0.1}:8000:8000"]
     assert "batchinfer.nightly" in commands["nightly-worker"]
 
 
@@ -96,7 +100,7 @@ def test_worker_reserves_every_nvidia_gpu(compose):
 
 def test_healthchecks_gate_the_services_that_wait_on_them(compose):
     services = compose["services"]
-    for name in ("redis", "minio", "flower"):
+    for name in ("redis", "minio", "flower", "api"):
         assert services[name]["healthcheck"]["test"], name
     for name, service in services.items():
         for dependency, rule in (service.get("depends_on") or {}).items():
