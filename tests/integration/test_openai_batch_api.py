@@ -132,6 +132,10 @@ def test_a_chat_batch_runs_every_request_once(api, engine, tmp_path):
     lines.append(_line("scored", {"messages": chats[0], "max_tokens": 4, "temperature": 0,
                                   "logprobs": True, "top_logprobs": 2}))
     lines.append(_line("two", {"messages": chats[1], "max_tokens": 5, "n": 2, "seed": 3}))
+    lines.append(_line("label", {"messages": chats[3], "max_tokens": 40, "response_format": {
+        "type": "json_schema", "json_schema": {"name": "label", "schema": {
+            "type": "object", "properties": {"pet": {"enum": ["cat", "dog"]}},
+            "required": ["pet"]}}}}))
     lines.append(_line("bad", {"messages": chats[2], "tools": []}))
     lines.append(_line("too-hot", {"messages": chats[2], "temperature": -1}))
     file_id = _upload(client, lines, tmp_path)
@@ -141,14 +145,14 @@ def test_a_chat_batch_runs_every_request_once(api, engine, tmp_path):
     batch = _wait(client, batch.id)
     assert batch.status == "completed", batch
     assert (batch.request_counts.total, batch.request_counts.completed,
-            batch.request_counts.failed) == (10, 8, 2)
+            batch.request_counts.failed) == (11, 9, 2)
     assert batch.completed_at >= batch.in_progress_at >= batch.created_at
 
     outputs = _lines(client, batch.output_file_id)
     errors = _lines(client, batch.error_file_id)
     # Every request exactly once, outputs in input order.
     assert [line["custom_id"] for line in outputs] == [f"req-{i}" for i in range(6)] + [
-        "scored", "two"]
+        "scored", "two", "label"]
     assert [line["custom_id"] for line in errors] == ["bad", "too-hot"]
     for i, line in enumerate(outputs[:6]):
         body = line["response"]["body"]
@@ -172,6 +176,11 @@ def test_a_chat_batch_runs_every_request_once(api, engine, tmp_path):
     assert [c["index"] for c in two["choices"]] == [0, 1]
     assert 2 <= two["usage"]["completion_tokens"] <= 10  # both samples' tokens, 5 at most each
 
+    label = outputs[8]["response"]["body"]["choices"][0]
+    if label["finish_reason"] == "stop":  # complete: valid under the schema
+        assert json.loads(label["message"]["content"])["pet"] in ("cat", "dog")
+    else:  # cut at max_tokens: a prefix of a valid object
+        assert label["message"]["content"].startswith('{')
     assert errors[0]["response"]["status_code"] == 400
     assert "body.tools is not supported" in errors[0]["response"]["body"]["error"]["message"]
     assert "temperature" in errors[1]["response"]["body"]["error"]["message"]
