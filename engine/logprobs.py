@@ -55,19 +55,32 @@ def logprob_dicts(
 ) -> list[dict[int, Logprob]]:
     """Per row of raw logits [R, vocab]: {token id: Logprob} for token_ids[row] ([R], on
     the logits' device) and the row's num_top[row] most likely tokens (vLLM's order: the
-    scored token first)."""
+    scored token first).
+
+    A rank comes from the top list where it can (the token ranks above the list's last
+    entry, which a sampled token nearly always does); only the other rows count their
+    vocabulary, the slowest of the passes over it."""
     widest = max(num_top)
     rows_per_pass = max(1, ELEMENTS_PER_PASS // logits.shape[-1])
     values, ints = [], []
     for start in range(0, len(num_top), rows_per_pass):
+        # log_softmax, not logits less a logsumexp: one fused pass (logsumexp is several
+        # times slower on CPUs), and ranks compare the very values reported.
         logprobs = logits[start : start + rows_per_pass].log_softmax(dim=-1)
         targets = token_ids[start : start + rows_per_pass, None]
         target_logprobs = logprobs.gather(1, targets)
+        # Two more than reported: a token up to one past the reported ranks above the last.
+        top_logprobs, top_ids = logprobs.topk(widest + 2, dim=-1)
         # An int32 sum: a bool tensor summed to int64 takes a slow path on CPUs (8x).
-        ranks = (logprobs >= target_logprobs).sum(dim=-1, keepdim=True, dtype=torch.int32)
-        top_logprobs, top_ids = logprobs.topk(widest, dim=-1)
-        values.append(torch.cat([target_logprobs, top_logprobs], dim=1))
-        ints.append(torch.cat([targets, ranks.to(torch.int64), top_ids], dim=1))
+        ranks = (top_logprobs >= target_logprobs).sum(dim=-1, keepdim=True, dtype=torch.int32)
+        beyond = (top_logprobs[:, -1] >= target_logprobs[:, 0]).nonzero().squeeze(1)
+        if beyond.numel() > len(targets) // 4:  # many rows: one pass over them all
+            ranks = (logprobs >= target_logprobs).sum(dim=-1, keepdim=True, dtype=torch.int32)
+        elif beyond.numel():  # ranks lower than the list, or ties past its end: count them
+            ranks[beyond] = (logprobs[beyond] >= target_logprobs[beyond]).sum(
+                dim=-1, keepdim=True, dtype=torch.int32)
+        values.append(torch.cat([target_logprobs, top_logprobs[:, :widest]], dim=1))
+        ints.append(torch.cat([targets, ranks.to(torch.int64), top_ids[:, :widest]], dim=1))
     # One copy each to the host for the whole batch.
     value_rows = torch.cat(values).tolist()
     int_rows = torch.cat(ints).tolist()

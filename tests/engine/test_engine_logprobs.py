@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from engine import LLM, CompletionOutput, Logprob, SamplingParams
+from engine.logprobs import logprob_dicts
 from engine.model_runner import ModelRunner
 from engine.scheduler import Scheduler
 
@@ -243,3 +244,35 @@ def test_aborted_request_keeps_aligned_logprobs(tiny_llama, make_prompt):
 def test_invalid_logprobs(kwargs):
     with pytest.raises(ValueError, match="logprobs"):
         SamplingParams(**kwargs)
+
+
+@pytest.mark.parametrize("num_top", [0, 1, 5])
+def test_ranks_from_the_top_list_and_from_the_whole_vocabulary(num_top):
+    """Ranks count the tokens at least as likely (vLLM's >=), whether the scored token is
+    the most likely, just past the reported ones, far down, or tied past the list's end;
+    the same as counting over the whole vocabulary, which only some rows need."""
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(12, 50, generator=generator)
+    logits[3, :10] = 4.0  # ten tokens tied for first
+    logits[4, 7] = logits[4].max() + 1
+    tokens = torch.tensor([int(logits[r].argmax()) for r in range(6)] + [0, 1, 2, 3, 4, 5])
+    tokens[3] = 9  # one of the tied ones
+    tokens[5] = int(logits[5].topk(num_top + 1).indices[-1])  # one past the reported
+    dicts = logprob_dicts(logits, tokens, [num_top] * 12, {i: str(i) for i in range(50)})
+    reference = logits.log_softmax(dim=-1)
+    for row, entry in enumerate(dicts):
+        token = int(tokens[row])
+        assert entry[token].logprob == pytest.approx(float(reference[row, token]), abs=1e-6)
+        at_least_as_likely = int((reference[row] >= reference[row, token]).sum())
+        if entry[token].rank > num_top:  # not among the reported: the count
+            assert entry[token].rank == at_least_as_likely
+        else:  # among them (vLLM): its place in the list, the count if nothing ties
+            assert entry[token].rank <= at_least_as_likely
+        reported = sorted(((lp.rank, lp.logprob) for t, lp in entry.items()
+                           if lp.rank <= num_top and (t != token or lp.rank > 0)))
+        if token in entry and entry[token].rank > num_top:
+            assert len(entry) == num_top + 1
+        # The top K by rank, with the most likely values (which of tied tokens: any).
+        assert [rank for rank, _ in reported][:num_top] == list(range(1, num_top + 1))
+        assert [value for _, value in reported][:num_top] == pytest.approx(
+            reference[row].topk(num_top).values.tolist(), abs=1e-6)
