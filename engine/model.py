@@ -118,9 +118,25 @@ class CausalLM(nn.Module):
     ) -> torch.Tensor:
         """input_ids, positions: [T] over all sequences of the step -> float32 logits
         [len(logits_rows), vocab] for the rows that are sampled."""
+        return self.compute_logits(
+            self.hidden_states(input_ids, positions, attn_metadata, logits_rows))
+
+    @torch.inference_mode()
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        attn_metadata: AttentionMetadata,
+        rows: torch.Tensor,
+    ) -> torch.Tensor:
+        """The final hidden states [len(rows), hidden] of the given rows of the step."""
         hidden = self.model.embed_tokens(input_ids)
         for layer in self.model.layers:
             hidden = layer(hidden, positions, self.model.rotary_emb, attn_metadata)
-        # The final norm is per row, so only the sampled rows need it.
-        hidden = self.model.norm(hidden[logits_rows])
+        # The final norm is per row, so only the rows asked for need it.
+        return self.model.norm(hidden[rows])
+
+    @torch.inference_mode()
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """float32 logits [rows, vocab] of final hidden states."""
         return linear(hidden, self.lm_head.weight).float()

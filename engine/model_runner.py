@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +19,10 @@ from engine.sampler import Sampler
 from engine.scheduler import ScheduledBatch
 from engine.sequence import Sequence
 from engine.structured.decoding import ConstrainedDecoding
+
+# Prompt rows' logits computed at a time (rows x vocabulary, 64 MiB in float32): a
+# prompt_logprobs request's chunk of thousands of rows never holds them all at once.
+PROMPT_LOGITS_ELEMENTS = 1 << 24
 
 
 def kv_cache_bytes_per_block(model: CausalLM, block_size: int, dtype: torch.dtype) -> int:
@@ -83,23 +88,34 @@ class ModelRunner:
         )
         # Rows of the sampled sequences' last tokens, then of scored prompt positions.
         rows = torch.tensor(inputs.sample_rows + inputs.prompt_rows, dtype=torch.int64)
+        sampled = inputs.sampled
         if replays:
             assert self.graphs is not None
             logits = self.graphs.run(inputs.input_ids, inputs.positions, meta)[
                 rows.to(self.device)
             ]
+            sample_logits = logits[: len(sampled)]
+
+            def prompt_logits(start: int, end: int) -> torch.Tensor:
+                return logits[len(sampled) + start : len(sampled) + end]
         else:
-            logits = self.model(
+            hidden = self.model.hidden_states(
                 inputs.input_ids.to(self.device), inputs.positions.to(self.device), meta,
                 rows.to(self.device),
             )
-        sampled = inputs.sampled
+            sample_logits = self.model.compute_logits(hidden[: len(sampled)])
+
+            def prompt_logits(start: int, end: int) -> torch.Tensor:
+                # A slice at a time: a whole prompt chunk's logits (4096 x a 150k
+                # vocabulary, 2.5 GB) never exist at once.
+                return self.model.compute_logits(hidden[len(sampled) + start :
+                                                        len(sampled) + end])
         output = StepOutput({}, {}, {})
         if inputs.prompt_rows:
-            output.prompt_logprobs = inputs.score_prompts(logits[len(sampled) :], token_text)
+            output.prompt_logprobs = inputs.score_prompts(
+                prompt_logits, self.model.config.vocab_size, token_text)
         if not sampled:
             return output
-        sample_logits = logits[: len(sampled)]
         logits_to_sample = constrained.mask(sample_logits, apply_penalties(sample_logits, sampled),
                                             [seq.structured for seq in sampled])
         tokens = self.sampler.sample(
@@ -168,12 +184,20 @@ class _StepInputs:
         self.positions = torch.tensor(positions, dtype=torch.int64)
 
     def score_prompts(
-        self, logits: torch.Tensor, token_text: TokenText
+        self, logits: Callable[[int, int], torch.Tensor], vocab_size: int,
+        token_text: TokenText,
     ) -> dict[Sequence, list[dict[int, Logprob]]]:
-        """logits: [len(prompt_rows), vocab], the prompt rows' raw logits."""
+        """logits(start, end): the raw logits [end - start, vocab_size] of prompt rows
+        start..end-1, asked for PROMPT_LOGITS_ELEMENTS at a time."""
         num_top = [seq.params.prompt_logprobs for seq, n in self.prompt_spans for _ in range(n)]
-        targets = torch.tensor(self.prompt_targets, dtype=torch.int64, device=logits.device)
-        dicts = logprob_dicts(logits, targets, num_top, token_text)
+        targets = torch.tensor(self.prompt_targets, dtype=torch.int64)
+        rows_per_pass = max(1, PROMPT_LOGITS_ELEMENTS // vocab_size)
+        dicts: list[dict[int, Logprob]] = []
+        for first in range(0, len(num_top), rows_per_pass):
+            last = min(first + rows_per_pass, len(num_top))
+            chunk = logits(first, last)
+            dicts += logprob_dicts(chunk, targets[first:last].to(chunk.device),
+                                   num_top[first:last], token_text)
         scored, start = {}, 0
         for seq, count in self.prompt_spans:
             scored[seq] = dicts[start : start + count]

@@ -276,3 +276,19 @@ def test_ranks_from_the_top_list_and_from_the_whole_vocabulary(num_top):
         assert [rank for rank, _ in reported][:num_top] == list(range(1, num_top + 1))
         assert [value for _, value in reported][:num_top] == pytest.approx(
             reference[row].topk(num_top).values.tolist(), abs=1e-6)
+
+
+def test_prompt_logits_are_scored_a_slice_at_a_time(tiny_llama, hf, make_prompt, monkeypatch):
+    """A long prompt's logits are computed PROMPT_LOGITS_ELEMENTS at a time: with slices
+    of 7 rows, a 60-token prompt's logprobs still equal Hugging Face's."""
+    import engine.model_runner
+
+    vocab = 384  # the tiny shape's
+    monkeypatch.setattr(engine.model_runner, "PROMPT_LOGITS_ELEMENTS", 7 * vocab)
+    prompt = make_prompt(60, seed=61)
+    llm = LLM(str(tiny_llama), **ENGINE)
+    assert llm.config.vocab_size == vocab
+    [output] = llm.generate([prompt], SamplingParams(max_tokens=3, temperature=0.0,
+                                                     prompt_logprobs=3, logprobs=2))
+    assert len(output.prompt_logprobs) == 60
+    assert_output_matches(hf, tiny_llama, prompt, output, 2, 3)
