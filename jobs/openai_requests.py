@@ -18,7 +18,6 @@ when the shard runs, so the messages are the same as for a Parquet input.
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,7 +25,7 @@ import pyarrow as pa
 
 from jobs import limits
 from jobs.errors import UserError
-from jobs.spec import INPUT_ERROR_COLUMN
+from jobs.spec import INPUT_ERROR_COLUMN, finite_number, whole_number
 
 CHAT_ENDPOINT = "/v1/chat/completions"
 COMPLETIONS_ENDPOINT = "/v1/completions"
@@ -196,14 +195,15 @@ class _FileParser:
 
 
 class _LineError(ValueError):
-    """What is wrong with one request's body: that line fails, the batch goes on."""
+    """What is wrong with one request's body: that line fails, the batch goes on (as
+    does any ValueError the checks of a body raise)."""
 
 
 def _request_row(custom_id: str, body: dict[str, Any], endpoint: str | None) -> dict[str, Any]:
     row: dict[str, Any] = {ID_COLUMN: custom_id}
     try:
         row.update(_body_columns(body, endpoint == CHAT_ENDPOINT))
-    except _LineError as error:
+    except ValueError as error:
         return {ID_COLUMN: custom_id, INPUT_ERROR_COLUMN: str(error)}
     return row
 
@@ -222,9 +222,9 @@ def _body_columns(body: dict[str, Any], chat: bool) -> dict[str, Any]:
         elif name in _INTEGERS:
             if _INTEGERS[name] in columns:  # max_tokens and max_completion_tokens
                 raise _LineError("give max_tokens or max_completion_tokens, not both")
-            columns[_INTEGERS[name]] = _integer(name, value)
+            columns[_INTEGERS[name]] = _whole(name, value)
         elif name in _NUMBERS:
-            columns[_NUMBERS[name]] = _number(name, value)
+            columns[_NUMBERS[name]] = _finite(name, value)
         elif name == "stop":
             columns["stop"] = _stop(value)
         elif name == "stream":
@@ -237,7 +237,7 @@ def _body_columns(body: dict[str, Any], chat: bool) -> dict[str, Any]:
         elif chat and name in ("logprobs", "top_logprobs"):
             continue  # read together below
         elif not chat and name == "logprobs":
-            columns["logprobs"] = _integer(name, value)
+            columns["logprobs"] = _whole(name, value)
         elif not chat and name == "echo":
             if value is not False:
                 raise _LineError("echo is not supported")
@@ -257,7 +257,7 @@ def _chat_logprobs(wanted: Any, top: Any) -> int | None:
     if top is not None:
         if not wanted:
             raise _LineError("body.top_logprobs needs body.logprobs: true")
-        return _integer("top_logprobs", top)
+        return _whole("top_logprobs", top)
     return 0 if wanted else None
 
 
@@ -311,14 +311,9 @@ def _stop(value: Any) -> list[str]:
     return stops
 
 
-def _integer(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (
-            isinstance(value, float) and not (math.isfinite(value) and value.is_integer())):
-        raise _LineError(f"body.{name} must be an integer, got {value!r}")
-    return int(value)
+def _whole(name: str, value: Any) -> int:
+    return whole_number(f"body.{name}", value)
 
 
-def _number(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise _LineError(f"body.{name} must be a number, got {value!r}")
-    return float(value)
+def _finite(name: str, value: Any) -> float:
+    return finite_number(f"body.{name}", value)

@@ -96,7 +96,7 @@ class JobSpec:
             for text in self.stop:
                 _check_text("stop", text)
         try:
-            self.shard_size = _integer("shard_size", self.shard_size)
+            self.shard_size = whole_number("shard_size", self.shard_size)
             if self.shard_size < 1:
                 raise ValueError(f"shard_size must be at least 1, got {self.shard_size}")
             sampling_params(self, {})
@@ -157,7 +157,7 @@ def _check_text(name: str, value: Any) -> None:
         raise UserError(f"{name} must be a non-empty string, got {value!r}")
 
 
-def _integer(name: str, value: Any) -> int:
+def whole_number(name: str, value: Any) -> int:
     """value as an int if it is a whole number (Parquet numeric columns may be floats)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"{name} must be an integer, got {value!r}")
@@ -166,7 +166,7 @@ def _integer(name: str, value: Any) -> int:
     return int(value)
 
 
-def _number(name: str, value: Any) -> float:
+def finite_number(name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise ValueError(f"{name} must be a finite number, got {value!r}")
     return float(value)
@@ -181,9 +181,9 @@ def sampling_params(spec: JobSpec, overrides: dict[str, Any]) -> SamplingParams:
     kwargs: dict[str, Any] = {}
     for name in INTEGER_OVERRIDES:
         if values[name] is not None:
-            kwargs[name] = _integer(name, values[name])
+            kwargs[name] = whole_number(name, values[name])
     for name in FLOAT_OVERRIDES:
-        kwargs[name] = _number(name, values[name])
+        kwargs[name] = finite_number(name, values[name])
     ceiling = limits.max_tokens_limit()
     if kwargs["max_tokens"] > ceiling:
         raise ValueError(f"max_tokens {kwargs['max_tokens']} is over the limit of {ceiling} "

@@ -92,7 +92,7 @@ def test_a_valid_chat_file_becomes_a_table_and_a_spec():
     ({"max_tokens": 3, "max_completion_tokens": 4}, "not both"),
     ({"top_logprobs": 2}, "top_logprobs needs body.logprobs: true"),
     ({"logprobs": 2}, "body.logprobs must be true or false"),
-    ({"temperature": "hot"}, "body.temperature must be a number"),
+    ({"temperature": "hot"}, "body.temperature must be a finite number"),
     ({"n": 1.5}, "body.n must be an integer"),
     ({"stop": [""]}, "body.stop must be"),
     ({"messages": []}, "non-empty list"),
