@@ -144,6 +144,11 @@ def test_a_chat_batch_runs_every_request_once(api, engine, tmp_path):
     assert batch.status == "in_progress" and batch.metadata == {"team": "labels"}
     batch = _wait(client, batch.id)
     assert batch.status == "completed", batch
+    outputs_file = client.files.retrieve(batch.output_file_id)
+    assert (outputs_file.purpose, outputs_file.filename) == ("batch_output",
+                                                             f"{batch.id}_output.jsonl")
+    assert file_id in [f.id for f in client.files.list(purpose="batch")]
+    assert file_id not in [f.id for f in client.files.list(purpose="batch_output")]
     assert (batch.request_counts.total, batch.request_counts.completed,
             batch.request_counts.failed) == (11, 9, 2)
     assert batch.completed_at >= batch.in_progress_at >= batch.created_at

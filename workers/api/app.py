@@ -123,8 +123,9 @@ def create_app(client: Client, keys: ApiKeys) -> FastAPI:
     @app.get("/v1/files")
     def list_files(who: Owner, limit: Annotated[int, Query(ge=1, le=10000)] = 10000,
                    after: str | None = None, purpose: str | None = None) -> dict[str, Any]:
-        records, more = objects.page(store, "files", who, limit, after)
-        return _list([r for r in records if purpose is None or r["purpose"] == purpose], more)
+        records, more = objects.page(store, "files", who, limit, after,
+                                     lambda r: purpose is None or r["purpose"] == purpose)
+        return _list(records, more)
 
     @app.get("/v1/files/{file_id}")
     def get_file(who: Owner, file_id: str) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import re
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from jobs.store import NotFound, Store, get_json, put_json
@@ -100,10 +101,11 @@ def remove(store: Store, record: dict[str, Any]) -> None:
     store.delete(file_key(record["id"]))
 
 
-def page(store: Store, kind: str, owner: str, limit: int, after: str | None
+def page(store: Store, kind: str, owner: str, limit: int, after: str | None,
+         keep: Callable[[dict[str, Any]], bool] = lambda record: True,
          ) -> tuple[list[dict[str, Any]], bool]:
-    """Owner's records newest first, at most limit after the one with id after; and
-    whether more follow."""
+    """Owner's records that keep accepts, newest first, at most limit after the one with
+    id after; and whether more follow."""
     prefix = _index_prefix(owner, kind)
     ids = [key.removeprefix(prefix).partition("-")[2] for key in store.list(prefix)]
     start = ids.index(after) + 1 if after in ids else 0
@@ -112,9 +114,11 @@ def page(store: Store, kind: str, owner: str, limit: int, after: str | None
         if len(records) == limit:
             return records, True
         try:
-            records.append(load(store, kind, object_id, owner))
+            record = load(store, kind, object_id, owner)
         except NotFoundForOwner:  # deleted between the listing and the read
             continue
+        if keep(record):
+            records.append(record)
     return records, False
 
 
