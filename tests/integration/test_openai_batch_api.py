@@ -20,8 +20,11 @@ import pytest
 
 from engine import LLM, SamplingParams
 from jobs.errors import UserError
+from jobs.manifest import load_manifest
+from jobs.store import get_json, open_store
 from tests.servers import free_port, log_tail, wait_until
 from tests.worker_processes import running_workers, worker_env
+from workers.api import batches, objects
 from workers.api.auth import ApiKeys, key_hash, owner_id
 
 KEY, OTHER_KEY = "sk-test-one", "sk-test-two"
@@ -334,6 +337,24 @@ def test_an_expired_window_stops_the_batch(api, tmp_path):
     assert {f"long-{i}" for i in range(10)} <= {line["custom_id"] for line in outputs}
     assert (batch.request_counts.completed, batch.request_counts.failed) == (
         len(outputs), count - len(outputs))
+
+
+def test_the_sweep_expires_a_batch_nobody_looks_at(api, tmp_path):
+    """What the server's sweep thread runs every 30 seconds, run here at once: a batch
+    past its window is stopped without anyone polling it."""
+    client = _client(api)
+    batch = client.batches.create(input_file_id=_upload(client, _long_lines(60), tmp_path),
+                                  endpoint=CHAT, completion_window="1s")
+    store = open_store(_server_env(api)["BATCHINFER_STORE_URL"])
+    record = get_json(store, objects.batch_key(batch.id))
+    assert store.exists(batches.ACTIVE_PREFIX + batch.id) and not record.get("_expiring")
+    wait_until(lambda: time.time() > batch.expires_at + 1, 10, "the window's end")
+    batches.expire_overdue(store)
+    record = get_json(store, objects.batch_key(batch.id))
+    assert record["_expiring"]
+    assert load_manifest(store, record["_job_id"])["state"] in ("cancelling", "cancelled")
+    assert _wait(client, batch.id).status == "expired"
+    assert not store.exists(batches.ACTIVE_PREFIX + batch.id)
 
 
 def test_serve_refuses_to_start_without_keys(tmp_path):
