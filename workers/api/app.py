@@ -24,6 +24,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict
 
 from jobs import limits
+from jobs.errors import ServiceUnavailable
 from jobs.openai_requests import ENDPOINTS
 from workers.api import batches, objects
 from workers.api.auth import ApiKeys
@@ -89,6 +90,10 @@ def create_app(client: Client, keys: ApiKeys) -> FastAPI:
         return JSONResponse(status_code=error.status, content={"error": {
             "message": str(error), "type": error.kind, "param": error.param,
             "code": error.code}})
+
+    @app.exception_handler(ServiceUnavailable)
+    async def unavailable(request: Request, error: ServiceUnavailable) -> JSONResponse:
+        return await api_error(request, ApiError(503, str(error), kind="server_error"))
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, error: RequestValidationError) -> JSONResponse:

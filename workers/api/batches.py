@@ -43,6 +43,8 @@ FINAL_STATUSES = frozenset({"completed", "failed", "expired", "cancelled"})
 WINDOW = re.compile(r"([1-9][0-9]*)([smhd])")
 _SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 MAX_METADATA_PAIRS = 16
+# A batch validating this long has lost its server (validation runs within the request).
+STALE_VALIDATION_SECONDS = 3600
 # Where active batches are listed, so the server can expire those nobody looks at.
 ACTIVE_PREFIX = f"{objects.PREFIX}active/"
 
@@ -137,7 +139,13 @@ def refresh(store: Store, record: dict[str, Any]) -> dict[str, Any]:
     that ended is saved with its files and not read again."""
     if record["status"] in FINAL_STATUSES:
         return record
-    job_id = record["_job_id"]
+    job_id = record.get("_job_id")
+    if job_id is None:  # its creation never finished: the server stopped in between
+        if objects.now() - record["created_at"] > STALE_VALIDATION_SECONDS:
+            return _fail(store, record, [{"code": "validation_interrupted", "param": None,
+                                          "line": None, "message": "the server stopped "
+                                          "while validating this batch; create it again"}])
+        return record
     manifest = load_manifest(store, job_id)
     if (manifest["state"] not in TERMINAL_STATES and not record.get("_expiring")
             and objects.now() >= record["expires_at"]):
