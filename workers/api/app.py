@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict
 from jobs import limits
 from jobs.errors import ServiceUnavailable
 from jobs.openai_requests import ENDPOINTS
+from jobs.settings import mask_secrets
 from workers.api import batches, objects
 from workers.api.auth import ApiKeys
 from workers.client import Client
@@ -93,7 +94,8 @@ def create_app(client: Client, keys: ApiKeys) -> FastAPI:
 
     @app.exception_handler(ServiceUnavailable)
     async def unavailable(request: Request, error: ServiceUnavailable) -> JSONResponse:
-        return await api_error(request, ApiError(503, str(error), kind="server_error"))
+        return await api_error(request, ApiError(503, mask_secrets(str(error)),
+                                                 kind="server_error"))
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, error: RequestValidationError) -> JSONResponse:
