@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
@@ -29,7 +31,11 @@ class FileStore(Store):
         return path
 
     def _publish(self, path: Path, write_temp) -> None:
-        """Write through write_temp(temp_path), then rename over path (atomic on POSIX)."""
+        """Write through write_temp(temp_path), then rename over path (atomic on POSIX).
+
+        Unlike an S3 PutObject, a file being written is visible half-done under its name, so
+        here the temporary file and the rename are what make a write whole or absent.
+        """
         path.parent.mkdir(parents=True, exist_ok=True)
         temp = path.with_name(f"{TEMP_MARK}{uuid.uuid4().hex}-{path.name}")
         try:
@@ -64,6 +70,23 @@ class FileStore(Store):
         finally:
             temp.unlink(missing_ok=True)
         return True
+
+    def update(self, key: str, change: Callable[[bytes | None], bytes]) -> bytes:
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # The lock is on the folder, not the file: each write renames a new file over it.
+        folder = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.flock(folder, fcntl.LOCK_EX)
+            try:
+                current = path.read_bytes()
+            except FileNotFoundError:
+                current = None
+            data = change(current)
+            self.put_bytes(key, data)
+            return data
+        finally:
+            os.close(folder)  # releases the lock
 
     def get_bytes(self, key: str) -> bytes:
         try:

@@ -6,10 +6,23 @@ reruns some of its rows, once that round's part or failure exists (jobs/retry.py
 task that finds every shard accounted for finalizes the job: whichever lists last after
 writing its own part sees all of them, so some task always does, and two that both do
 write the same manifest. Counts follow jobs/outcomes.py (retried rows count once).
+
+Listing every part after every shard would make a shard's cost grow with the job, so a
+shard's task asks finalize_after_shard instead: it adds the shard to one small object,
+jobs/<id>/shards-done.json (a bitmap of the shards of the first run that are accounted
+for, updated with the store's conditional read-modify-write), a constant few requests.
+Only the shard whose update completes the bitmap (or one that finds it complete: a
+redelivered duplicate) lists the parts and finalizes. A shard adds itself only after its
+results part or failure is in the store, so the bitmap never counts a shard that is not
+accounted for; a shard that died between the two is delivered again, finds its part and
+adds itself then. A retry round (few shards, and its accounting differs per shard) and a
+cancel go the listing way, as does finalize_if_complete, which asks the store alone.
 """
 
 from __future__ import annotations
 
+import base64
+import json
 from datetime import UTC, date, datetime
 from typing import Any
 
@@ -74,20 +87,69 @@ def _cancelled(store: Store, job_id: str, manifest: dict[str, Any]) -> bool:
         manifest["state"] not in TERMINAL_STATES and cancel_requested(store, job_id))
 
 
+def _all_accounted(store: Store, job_id: str, manifest: dict[str, Any]) -> bool:
+    """Every shard has a results part or a recorded failure (for the current retry round
+    where one runs its rows): from a listing of every part."""
+    outcomes = list_outcomes(store, job_id)
+    failures = _failure_keys(store, job_id)
+    round_number, row_shards = retry_round(manifest)
+    return all(_accounted(outcomes, failures, shard, round_number, row_shards)
+               for shard in range(manifest["counts"]["shards_total"]))
+
+
 def finalize_if_complete(store: Store, job_id: str) -> dict[str, Any] | None:
     """Finalize the job if every shard is accounted for (it has a results part or a recorded
     failure, for the current retry round where one runs its rows), or at once if it is being
     cancelled (each shard that stops then refreshes the counts); returns the manifest if it
     finalized."""
     manifest = load_manifest(store, job_id)
-    if not _cancelled(store, job_id, manifest):
-        outcomes = list_outcomes(store, job_id)
-        failures = _failure_keys(store, job_id)
-        round_number, row_shards = retry_round(manifest)
-        if not all(_accounted(outcomes, failures, shard, round_number, row_shards)
-                   for shard in range(manifest["counts"]["shards_total"])):
+    if _cancelled(store, job_id, manifest) or _all_accounted(store, job_id, manifest):
+        return finalize_job(store, job_id)
+    return None
+
+
+def finalize_after_shard(store: Store, job_id: str, shard_index: int, attempt: int = 0,
+                         manifest: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """finalize_if_complete for the task of a shard whose outcome is in the store (its
+    results part of attempt `attempt`, or its recorded failure), in a constant number of
+    requests unless the job may be complete (module docstring); returns the manifest if
+    it finalized.
+
+    manifest: the job's manifest as the task read it when it started, if it did (it saves
+    a read: the cancel marker is asked anyway, and a retry round that began since runs
+    tasks of its own, which finalize it).
+    """
+    if manifest is None:
+        manifest = load_manifest(store, job_id)
+    if _cancelled(store, job_id, manifest):
+        return finalize_job(store, job_id)
+    if attempt == 0 and retry_round(manifest)[0] == 0:
+        shards_total = manifest["counts"]["shards_total"]
+        if not _mark_shard_done(store, job_id, shard_index, shards_total):
             return None
-    return finalize_job(store, job_id)
+        manifest = load_manifest(store, job_id)  # the one that finalizes reads it afresh
+    if _all_accounted(store, job_id, manifest):
+        return finalize_job(store, job_id)
+    return None
+
+
+def _mark_shard_done(store: Store, job_id: str, shard_index: int, shards_total: int) -> bool:
+    """Add the shard to the job's shards-done bitmap; True if it now holds every shard."""
+    def add(current: bytes | None) -> bytes:
+        done = _decode_done(current, shards_total) | 1 << shard_index
+        encoded = base64.b64encode(done.to_bytes((shards_total + 7) // 8, "little"))
+        return json.dumps({"shards_total": shards_total, "done": encoded.decode()}).encode()
+
+    written = store.update(keys.shards_done_key(job_id), add)
+    return _decode_done(written, shards_total).bit_count() == shards_total
+
+
+def _decode_done(data: bytes | None, shards_total: int) -> int:
+    """The shards-done bitmap as an int (bit i: shard i), 0 if there is none yet."""
+    if data is None:
+        return 0
+    bits = int.from_bytes(base64.b64decode(json.loads(data)["done"]), "little")
+    return bits & ((1 << shards_total) - 1)
 
 
 def _final_state(cancelled: str | None, shards_total: int, missing_shards: list[int],

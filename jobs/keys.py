@@ -83,6 +83,12 @@ def inbox_source_key(job_id: str) -> str:
     return job_prefix(job_id) + "inbox.json"
 
 
+def shards_done_key(job_id: str) -> str:
+    """Which shards of the job's first run are accounted for: one object the shards update,
+    so that a shard learns whether it was the last without listing every part."""
+    return job_prefix(job_id) + "shards-done.json"
+
+
 def results_prefix(job_id: str) -> str:
     return job_prefix(job_id) + "results/"
 

@@ -6,24 +6,35 @@ add them up for a progress bar. (Workers also send the same numbers to Flower.)
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime
 from typing import Any
 
 from jobs import keys
 from jobs.manifest import utc_now
-from jobs.store import NotFound, Store, get_json, put_json
+from jobs.store import NotFound, Store, get_json
 
 
 def write_progress(store: Store, job_id: str, shard_index: int, done: int, total: int,
                    tokens: int, tokens_per_second: float, occupancy: float,
-                   failed: int = 0) -> None:
+                   failed: int = 0, first: bool = False) -> bool:
     """done: rows finished so far, failed: those of them that failed; tokens: prompt +
-    completion tokens of the finished rows."""
-    put_json(store, keys.progress_key(job_id, shard_index), {
+    completion tokens of the finished rows.
+
+    first: a run's first write, which says whether it is the shard's first run to get this
+    far: True if it created the shard's progress object (no run before wrote one), False
+    if it replaced one (or was not a first write).
+    """
+    key = keys.progress_key(job_id, shard_index)
+    data = json.dumps({
         "shard": shard_index, "done": done, "failed": failed, "total": total, "tokens": tokens,
         "tokens_per_second": tokens_per_second, "occupancy": occupancy,
         "updated_at": utc_now(),
-    })
+    }, indent=2, sort_keys=True).encode()
+    if first and store.create_once(key, data):
+        return True
+    store.put_bytes(key, data)
+    return False
 
 
 def read_progress(store: Store, job_id: str) -> dict[str, Any]:

@@ -2,7 +2,9 @@
 
 Exactly once: a shard whose results part exists is done, and running it again does
 nothing. The results part is written last, after the errors part and the usage record,
-so its existence means the whole shard is in the store. On cancel nothing is written.
+so its existence means the whole shard is in the store. On cancel nothing is written but
+progress. Every run writes the shard's progress object before its errors part, so a run
+that creates the progress object knows that no earlier run left an errors part to remove.
 
 A retry round (attempt N >= 1, see jobs/retry.py) runs only the shard's rows that failed
 for a transient reason, into parts of their own (jobs/outcomes.py says how they count).
@@ -14,12 +16,13 @@ from __future__ import annotations
 import gc
 import itertools
 import logging
-import math
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, BinaryIO
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -81,14 +84,18 @@ class ShardSummary:
 
 
 def run_shard(store: Store, job_id: str, shard_index: int, llm: LLM, *, attempt: int = 0,
-              worker: str = "", on_progress: ProgressCallback | None = None,
+              spec: JobSpec | None = None, worker: str = "",
+              on_progress: ProgressCallback | None = None,
               should_cancel: Callable[[], bool] | None = None) -> ShardSummary:
     """Run shard shard_index of job job_id through llm.
 
     attempt 0 runs the whole shard; attempt N >= 1 (retry round N) runs again only its rows
-    that failed for a transient reason in earlier attempts. on_progress(done, total,
+    that failed for a transient reason in earlier attempts. spec: the job's spec, where the
+    caller has read it already (else it is read here). on_progress(done, total,
     tokens_per_second, occupancy) is called about every PROGRESS_SECONDS, when the
-    shard's progress object is rewritten.
+    shard's progress object is rewritten, and once the rows are done. should_cancel is
+    asked about every CANCEL_CHECK_SECONDS while rows run, the first time after that
+    long: the caller asks before it starts the shard.
     """
     if store.exists(keys.result_key(job_id, shard_index, attempt)):
         return _already_done(store, job_id, shard_index, attempt)
@@ -99,13 +106,13 @@ def run_shard(store: Store, job_id: str, shard_index: int, llm: LLM, *, attempt:
             raise ValueError(f"shard {shard_index} of job {job_id} has not run yet; "
                              f"it cannot be retried row by row")
         retry_ids = transient_ids(store, outcome, before=attempt)
-    spec = load_spec(store, job_id)
+    spec = spec or load_spec(store, job_id)
     with store.open_read(keys.input_key(job_id)) as file:
-        parquet = pq.ParquetFile(file)
-        plan = plan_shards(parquet.metadata, spec.shard_size)
+        metadata, plan = _input_plan(store, job_id, spec, file)
         if not 0 <= shard_index < len(plan):
             raise ValueError(f"job {job_id} has {len(plan)} shards, not shard {shard_index}")
         shard = plan[shard_index]
+        parquet = pq.ParquetFile(file, metadata=metadata)
         layout = input_layout(parquet.schema_arrow, spec)
         rows = read_shard_rows(parquet, shard)
     row_numbers = pa.array(range(shard.row_start, shard.row_end), pa.int64())
@@ -118,6 +125,32 @@ def run_shard(store: Store, job_id: str, shard_index: int, llm: LLM, *, attempt:
         return ShardSummary(shard_index, attempt, rows=rows.num_rows, cancelled=True,
                             oom_retries=run.backoff.retries)
     return run.write(worker)
+
+
+# A job's input never changes (job ids are never reused) and a worker runs many of its
+# shards, so its footer, which grows with the input's row groups, is read and planned once
+# per process rather than once per shard: (store URL, job id) -> (footer, shards).
+_INPUT_PLANS: OrderedDict[tuple[str, str], tuple[pq.FileMetaData, list[Shard]]] = OrderedDict()
+INPUT_PLANS_KEPT = 2
+_INPUT_PLANS_LOCK = threading.Lock()
+
+
+def _input_plan(store: Store, job_id: str, spec: JobSpec, file: BinaryIO
+                ) -> tuple[pq.FileMetaData, list[Shard]]:
+    """The job's input footer and shard plan; file: the input, opened, read if not known."""
+    key = (store.url, job_id)
+    with _INPUT_PLANS_LOCK:
+        known = _INPUT_PLANS.get(key)
+        if known is not None:
+            _INPUT_PLANS.move_to_end(key)
+            return known
+    metadata = pq.ParquetFile(file).metadata
+    known = metadata, plan_shards(metadata, spec.shard_size)
+    with _INPUT_PLANS_LOCK:
+        _INPUT_PLANS[key] = known
+        while len(_INPUT_PLANS) > INPUT_PLANS_KEPT:
+            _INPUT_PLANS.popitem(last=False)
+    return known
 
 
 def _already_done(store: Store, job_id: str, shard_index: int, attempt: int) -> ShardSummary:
@@ -150,6 +183,9 @@ class _ShardRun:
         self.started_at = self.finished_at = datetime.now(UTC)
         self.start = time.monotonic()
         self.busy_seconds = 0.0
+        # Whether no earlier run of the shard wrote its progress object, and so none left an
+        # errors part (each writes the one before the other); None until the first write.
+        self.first_run: bool | None = None
 
     def generate(self) -> bool:
         """Stream the rows through the engine; False if cancelled (in-flight rows aborted)."""
@@ -165,9 +201,10 @@ class _ShardRun:
         self.stats_before = llm.stats()
         self.started_at = datetime.now(UTC)
         self.start = time.monotonic()
-        last_progress = self.start
-        last_cancel_check = -math.inf  # ask before the first step too
-        self._report_progress()
+        last_progress = last_cancel_check = self.start
+        # Nothing is done yet: the store learns of the shard's progress when something is
+        # (a shard shorter than PROGRESS_SECONDS writes it once, when it is done).
+        self._report_progress(to_store=False)
         try:
             while True:
                 while len(in_flight) < backoff.cap and (pending or more_rows):
@@ -280,21 +317,33 @@ class _ShardRun:
                         settings.mask_secrets(str(error)))
             return False
 
-    def _report_progress(self) -> None:
-        """Write the shard's progress; progress is advice, so a failure only logs."""
+    def _report_progress(self, to_store: bool = True) -> None:
+        """Tell on_progress, and write the shard's progress object (to_store); progress is
+        advice, so a failure to write it only logs."""
+        done, tokens_per_second, occupancy = self._progress_figures()
+        if to_store:
+            try:
+                self._write_progress(done, tokens_per_second, occupancy)
+            except Exception as error:
+                log.warning("shard %s: progress not written: %s", self.shard.index,
+                            settings.mask_secrets(str(error)))
+        if self.on_progress is not None:
+            self.on_progress(done, self.rows.num_rows, tokens_per_second, occupancy)
+
+    def _progress_figures(self) -> tuple[int, float, float]:
+        """(rows done, tokens per second, occupancy) so far."""
         elapsed = time.monotonic() - self.start
         tokens_per_second = self.tokens_done / elapsed if elapsed > 0 else 0.0
         occupancy = BatchFigures.between(self.stats_before, self.llm.stats()).occupancy
-        done = len(self.outputs) + len(self.errors)
-        try:
-            write_progress(self.store, self.job_id, self.shard.index, done, self.rows.num_rows,
-                           self.tokens_done, tokens_per_second, occupancy,
-                           failed=len(self.errors))
-        except Exception as error:
-            log.warning("shard %s: progress not written: %s", self.shard.index,
-                        settings.mask_secrets(str(error)))
-        if self.on_progress is not None:
-            self.on_progress(done, self.rows.num_rows, tokens_per_second, occupancy)
+        return len(self.outputs) + len(self.errors), tokens_per_second, occupancy
+
+    def _write_progress(self, done: int, tokens_per_second: float, occupancy: float) -> None:
+        created = write_progress(self.store, self.job_id, self.shard.index, done,
+                                 self.rows.num_rows, self.tokens_done, tokens_per_second,
+                                 occupancy, failed=len(self.errors),
+                                 first=self.first_run is None)
+        if self.first_run is None:
+            self.first_run = created
 
     def _take(self, column: str, positions: list[int]) -> pa.ChunkedArray:
         # Typed indices: an empty Python list would be a null-typed array `take` refuses.
@@ -311,10 +360,14 @@ class _ShardRun:
         id_column = self.layout.result_id_column
         error_positions = sorted(self.errors)
         error_key = keys.error_key(job_id, index, attempt)
+        if self.first_run is None:  # its progress never reached the store: now, or fail
+            self._write_progress(*self._progress_figures())
         if error_positions:
             put_table(store, error_key, errors_part(
                 id_column, self._ids(error_positions), [self.errors[p] for p in error_positions]))
-        else:  # an earlier try's errors must not be counted with this try's results
+        elif not self.first_run:
+            # An earlier run may have died after writing its errors part: those errors must
+            # not be counted with this run's results. (A first run has none to remove.)
             store.delete(error_key)
 
         positions = sorted(self.outputs)

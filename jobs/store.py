@@ -1,17 +1,18 @@
 """The object store: one small interface over a local folder (file://) and S3 (s3://).
 
-Keys are relative to the store's root ("jobs/<id>/spec.json"). Writes are atomic: the
-object is written under a temporary key beside its final one and then published (renamed
-on disk, copied on S3), so a reader sees all of an object or none of it. Temporary keys
-start with "." and so are never valid keys: `list` never shows them, not even the ones
-a crashed writer left behind.
+Keys are relative to the store's root ("jobs/<id>/spec.json"). Writes are atomic: a
+reader sees all of an object or none of it. On disk an object is written to a temporary
+file beside its final name and renamed (a file being written can be read half-done); on
+S3 a PutObject is atomic by itself, so it goes straight to its key. Temporary names start
+with "." and so are never valid keys: `list` never shows them, not even the ones a
+crashed writer left behind (or an S3 writer from before writes went straight to the key).
 """
 
 from __future__ import annotations
 
 import json
-import uuid
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -50,12 +51,6 @@ def is_hidden(relative_key: str) -> bool:
     return any(segment.startswith(".") for segment in relative_key.split("/"))
 
 
-def temp_key(key: str) -> str:
-    folder, _, name = key.rpartition("/")
-    temp_name = f"{TEMP_MARK}{uuid.uuid4().hex}-{name}"
-    return f"{folder}/{temp_name}" if folder else temp_name
-
-
 class Store(ABC):
     """What the jobs layer needs from object storage; see open_store."""
 
@@ -74,6 +69,16 @@ class Store(ABC):
 
         Of any number of racing callers exactly one wins, and readers see the object whole.
         (S3: PutObject with If-None-Match: *; a folder: link(2), which never replaces.)
+        """
+
+    @abstractmethod
+    def update(self, key: str, change: Callable[[bytes | None], bytes]) -> bytes:
+        """Replace the object with change(its bytes, None if absent) and return what was
+        written; a read-modify-write that racing updaters never lose each other's part of
+        (change may be called again, with what another updater wrote: keep it pure).
+
+        (S3: a conditional PutObject, If-Match the ETag read, tried again when it loses;
+        a folder: a lock on the object's folder around the read and the write.)
         """
 
     @abstractmethod

@@ -110,12 +110,14 @@ def run_shard(self: Task, job_id: str, shard_index: int, shards_total: int, stor
     if attempt:
         where += f" (retry round {attempt})"
     try:
+        job = None  # the manifest as the shard found it, once it has read it
         if _patiently(where, lambda: manifest.cancel_requested(store, job_id)):
             summary = runner.ShardSummary(shard_index, attempt, cancelled=True)
         else:
             with _lease(self, job_id, shard_index, shards_total, store_url, attempt):
-                summary = _run(self, store, job_id, shard_index, shards_total, attempt, where)
-        ended = _patiently(where, lambda: finalize.finalize_if_complete(store, job_id))
+                summary, job = _run(self, store, job_id, shard_index, shards_total, attempt,
+                                    where)
+        ended = _patiently(where, lambda: _finalize_if_last(store, job_id, summary, job))
         if ended is not None:
             _deliver_to_outbox(store, ended, where)
     except Exception as exc:
@@ -131,6 +133,14 @@ def run_shard(self: Task, job_id: str, shard_index: int, shards_total: int, stor
     return summary.to_dict()
 
 
+def _finalize_if_last(store: Store, job_id: str, summary: runner.ShardSummary,
+                      job: dict | None) -> dict | None:
+    """Finalize the job if this shard was the last one out; the manifest if it did."""
+    if summary.cancelled:  # nothing written, nothing to count: the cancel ends the job
+        return finalize.finalize_if_complete(store, job_id)
+    return finalize.finalize_after_shard(store, job_id, summary.shard, summary.attempt, job)
+
+
 def _deliver_to_outbox(store: Store, job: dict, where: str) -> None:
     """A job from the inbox reaches outbox/NAME/ as it ends, not at the next inbox scan."""
     try:
@@ -141,17 +151,20 @@ def _deliver_to_outbox(store: Store, job: dict, where: str) -> None:
 
 
 def _run(task: Task, store: Store, job_id: str, shard_index: int, shards_total: int,
-         attempt: int, where: str) -> runner.ShardSummary:
-    def run() -> runner.ShardSummary:
+         attempt: int, where: str) -> tuple[runner.ShardSummary, dict | None]:
+    """The shard's summary, and the manifest as it was when the shard started (None if
+    the shard failed before reading it)."""
+    def run() -> tuple[runner.ShardSummary, dict]:
         spec = load_spec(store, job_id)
         llm = get_engine(models.resolve_model(spec.model))
-        manifest.mark_running(store, job_id)
+        job = manifest.mark_running(store, job_id)
+        # The cancel was asked just before; the runner asks again as rows run.
         return runner.run_shard(
-            store, job_id, shard_index, llm, attempt=attempt,
+            store, job_id, shard_index, llm, attempt=attempt, spec=spec,
             worker=task.request.hostname or "",
             on_progress=_progress_reporter(task, job_id, shard_index, shards_total),
             should_cancel=lambda: manifest.cancel_requested(store, job_id),
-        )
+        ), job
 
     try:
         return _patiently(where, run)
@@ -162,4 +175,4 @@ def _run(task: Task, store: Store, job_id: str, shard_index: int, shards_total: 
         log.error("%s failed: %s\n%s", where, reason, mask_secrets(traceback.format_exc()))
         _patiently(where, lambda: finalize.record_shard_failure(
             store, job_id, shard_index, reason, attempt))
-        return runner.ShardSummary(shard_index, attempt, error=reason)
+        return runner.ShardSummary(shard_index, attempt, error=reason), None

@@ -15,8 +15,14 @@ import pytest
 
 from jobs import keys, manifest
 from jobs.errors import UserError
-from jobs.finalize import finalize_if_complete, finalize_job, record_shard_failure
+from jobs.finalize import (
+    finalize_after_shard,
+    finalize_if_complete,
+    finalize_job,
+    record_shard_failure,
+)
 from jobs.results import merge_results, write_results_file
+from jobs.retry import start_retry
 from jobs.spec import JobSpec
 from jobs.store import open_store
 from jobs.submit import create_job
@@ -187,6 +193,71 @@ def test_a_cancelled_job_finalizes_as_cancelled(store):
     finish_shard(store, job_id, 1, succeeded=3)  # one that was already past its last check
     assert finalize_if_complete(store, job_id)["counts"]["succeeded_rows"] == 6
     assert manifest.load_manifest(store, job_id)["state"] == "cancelled"
+
+
+@pytest.fixture(params=["file", "s3"])
+def any_store(request):
+    return open_store(request.getfixturevalue(f"{request.param}_store_url"))
+
+
+def test_a_shard_finalizes_when_it_completes_the_shards_done_count(any_store):
+    store = any_store
+    job_id = three_shard_job(store)
+    finish_shard(store, job_id, 0, succeeded=3)
+    assert finalize_after_shard(store, job_id, 0) is None
+    finish_shard(store, job_id, 2, succeeded=3)
+    assert finalize_after_shard(store, job_id, 2) is None
+    assert finalize_after_shard(store, job_id, 2) is None  # a duplicate counts once
+    assert manifest.load_manifest(store, job_id)["state"] == "queued"
+    finish_shard(store, job_id, 1, succeeded=2, failed=1)
+    final = finalize_after_shard(store, job_id, 1)
+    assert final["state"] == "completed"
+    assert final["counts"]["succeeded_rows"] == 8 and final["counts"]["failed_rows"] == 1
+    assert finalize_after_shard(store, job_id, 0) == final  # redelivered after the end
+
+
+def test_a_shard_that_died_before_counting_itself_counts_when_delivered_again(any_store):
+    store = any_store
+    job_id = three_shard_job(store)
+    for shard in range(3):
+        finish_shard(store, job_id, shard, succeeded=3)
+    assert finalize_after_shard(store, job_id, 0) is None
+    assert finalize_after_shard(store, job_id, 2) is None  # shard 1's task died after its part
+    assert manifest.load_manifest(store, job_id)["state"] == "queued"
+    assert finalize_after_shard(store, job_id, 1)["state"] == "completed"  # its redelivery
+
+
+def test_recorded_failures_count_as_done_shards(store):
+    job_id = three_shard_job(store)
+    finish_shard(store, job_id, 0, succeeded=3)
+    assert finalize_after_shard(store, job_id, 0) is None
+    for shard in (1, 2):
+        record_shard_failure(store, job_id, shard, "model not there")
+    assert finalize_after_shard(store, job_id, 1) is None
+    final = finalize_after_shard(store, job_id, 2)
+    assert final["state"] == "failed" and final["reason"].startswith("2 shard(s) failed")
+
+
+def test_a_cancel_finalizes_after_any_shard(store):
+    job_id = three_shard_job(store)
+    finish_shard(store, job_id, 0, succeeded=3)
+    started = manifest.load_manifest(store, job_id)  # what the shard read as it started
+    manifest.request_cancel(store, job_id)
+    final = finalize_after_shard(store, job_id, 0, manifest=started)
+    assert final["state"] == "cancelled" and final["counts"]["succeeded_rows"] == 3
+
+
+def test_a_retry_round_finalizes_by_listing(store):
+    job_id = three_shard_job(store)
+    record_shard_failure(store, job_id, 1, "model not there")
+    for shard in (0, 2):
+        finish_shard(store, job_id, shard, succeeded=3)
+    assert finalize_if_complete(store, job_id)["state"] == "failed"
+    start_retry(store, job_id, lambda shard, attempt: None)
+    finish_shard(store, job_id, 1, succeeded=3)
+    # The first run's shards-done count never saw shard 1 done: the round counts parts.
+    final = finalize_after_shard(store, job_id, 1)
+    assert final["state"] == "completed" and final["counts"]["succeeded_rows"] == 9
 
 
 def test_finalizing_again_keeps_the_final_state(store):

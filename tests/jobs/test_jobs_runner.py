@@ -11,6 +11,7 @@ from engine import LLM, SamplingParams
 from jobs import keys, runner
 from jobs.finalize import finalize_job
 from jobs.planner import Shard
+from jobs.progress import write_progress
 from jobs.results import merge_results
 from jobs.shard_input import read_shard_rows
 from jobs.spec import JobSpec
@@ -179,10 +180,13 @@ def test_a_done_shard_is_not_run_again(file_store_url, tmp_path, llm):
 
 
 def test_a_rerun_after_a_crash_replaces_the_dead_attempts_files(file_store_url, tmp_path, llm):
-    """A worker died after writing errors and usage but before the results part."""
+    """A worker died after writing progress, errors and usage but before the results part
+    (a run writes its progress before its errors: how a rerun knows to look)."""
     store = open_store(file_store_url)
     table = pa.table({"prompt": [prompt(i) for i in range(6)]})
     job_id, _ = submit(store, tmp_path, table, row_group_size=6, max_tokens=3)
+    write_progress(store, job_id, 0, done=6, total=6, tokens=30, tokens_per_second=1.0,
+                   occupancy=0.5, failed=1)
     put_table(store, keys.error_key(job_id, 0), pa.table({"row_index": [0], "error": ["stale"]}))
     summary = runner.run_shard(store, job_id, 0, llm)
     assert (summary.succeeded, summary.failed) == (6, 0)
@@ -398,3 +402,28 @@ def test_samples_are_rows_of_their_own_and_count_once(file_store_url, tmp_path, 
     assert runner.run_shard(store, job_id, 0, llm).succeeded == 3  # the done part's count
     manifest = finalize_job(store, job_id)
     assert manifest["counts"]["succeeded_rows"] == 3
+
+
+def test_a_worker_reads_a_jobs_input_footer_once(s3_store_url, tmp_path, llm):
+    """The footer grows with the input's row groups; a shard after the worker's first one
+    of the job reads only the tail that opening the input reads and its own rows."""
+    store = open_store(s3_store_url)
+    rows = 3000  # one row group each: a footer several times the tail read at open
+    job_id, shards = submit(store, tmp_path, pa.table({"prompt": [prompt(i) for i in range(rows)]}),
+                            row_group_size=1, shard_size=1, max_tokens=1)
+    assert len(shards) == rows
+    reads: list[list[str]] = []
+
+    def note(params, **_) -> None:
+        if params["Key"].endswith("/input.parquet"):
+            reads[-1].append(params.get("Range", ""))
+
+    store.client.meta.events.register("provide-client-params.s3.GetObject", note)
+    try:
+        for shard in (0, 1500):
+            reads.append([])
+            assert runner.run_shard(store, job_id, shard, llm).succeeded == 1
+    finally:
+        store.client.meta.events.unregister("provide-client-params.s3.GetObject", note)
+    assert len(reads[0]) > 2, reads[0]  # the first: the tail, the rest of the footer, the rows
+    assert len(reads[1]) == 2, reads[1]  # then: the tail and the rows

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import random
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pyarrow as pa
@@ -16,7 +18,7 @@ import pytest
 
 from jobs.errors import UserError
 from jobs.file_store import FileStore
-from jobs.s3_store import MULTIPART_BYTES, S3Store
+from jobs.s3_store import MULTIPART_BYTES, RANGE_READ_BUFFER_BYTES, S3Store
 from jobs.store import (
     NotFound,
     Store,
@@ -234,16 +236,55 @@ def test_s3_open_read_fetches_only_the_ranges_read(s3_store_url):
           store.open_read("in.parquet") as file):
         group = pq.ParquetFile(file).read_row_group(7)
     assert group.column("noise").to_pylist() == table.column("noise").to_pylist()[140_000:160_000]
-    fetched = sum(int(r.split("-")[1]) - int(r.removeprefix("bytes=").split("-")[0]) + 1
-                  for r in ranges)
-    assert ranges and fetched < len(data) / 4, (fetched, len(data))
+    assert ranges and sum(range_length(r) for r in ranges) < len(data) / 4, (ranges, len(data))
+
+
+def range_length(header: str) -> int:
+    """Bytes a Range header asks for: "bytes=10-19" or a suffix, "bytes=-262144"."""
+    start, _, end = header.removeprefix("bytes=").partition("-")
+    return int(end) if not start else int(end) - int(start) + 1
+
+
+def test_s3_open_read_of_a_small_object_is_one_request(s3_store_url):
+    """Opening reads the tail (size and version from its answer, no HEAD): a small
+    Parquet object's footer and data need no second request."""
+    store = open_store(s3_store_url)
+    sink = pa.BufferOutputStream()
+    pq.write_table(pa.table({"a": list(range(100))}), sink)
+    store.put_bytes("small.parquet", sink.getvalue().to_pybytes())
+    calls: list[str] = []
+    with (observing(store, "provide-client-params.s3.*",
+                    lambda params, model, **_: calls.append(model.name)),
+          store.open_read("small.parquet") as file):
+        assert pq.read_table(file).column("a").to_pylist() == list(range(100))
+    assert calls == ["GetObject"]
+
+
+def test_s3_open_read_across_the_tail_it_read_at_open(s3_store_url):
+    store = open_store(s3_store_url)
+    data = random.Random(1).randbytes(2 * RANGE_READ_BUFFER_BYTES + 1000)
+    store.put_bytes("big", data)
+    tail_start = len(data) - RANGE_READ_BUFFER_BYTES
+    with store.open_read("big") as file:
+        file.seek(tail_start - 10)
+        assert file.read(100) == data[tail_start - 10:tail_start + 90]
+        file.seek(0)
+        assert file.read() == data
+
+
+def test_s3_open_read_of_an_empty_object(s3_store_url):
+    store = open_store(s3_store_url)
+    store.put_bytes("empty", b"")
+    with store.open_read("empty") as file:
+        assert file.read() == b""
 
 
 def test_s3_open_read_fails_if_the_object_changes_under_it(s3_store_url):
     store = open_store(s3_store_url)
-    store.put_bytes("k", b"a" * 1000)
+    size = 3 * RANGE_READ_BUFFER_BYTES  # more than the tail read at open
+    store.put_bytes("k", b"a" * size)
     file = store.open_read("k")
-    store.put_bytes("k", b"b" * 1000)
+    store.put_bytes("k", b"b" * size)
     with pytest.raises(Exception, match="PreconditionFailed|412"):
         file.read()
 
@@ -278,3 +319,51 @@ def test_s3_clients_come_from_one_factory_per_endpoint_and_credentials(s3_store_
 def test_the_store_imports_without_torch():
     subprocess.run([sys.executable, "-c",
                     "import sys, jobs.store; assert 'torch' not in sys.modules"], check=True)
+
+
+def append_to(entry: str):
+    """An update that adds entry to a JSON list (starting one where there is none)."""
+    def change(current: bytes | None) -> bytes:
+        return json.dumps([*(json.loads(current) if current else []), entry]).encode()
+    return change
+
+
+def test_update_reads_changes_and_writes(store):
+    assert store.update("jobs/j/n.json", append_to("a")) == b'["a"]'
+    assert store.update("jobs/j/n.json", append_to("b")) == b'["a", "b"]'
+    assert get_json(store, "jobs/j/n.json") == ["a", "b"]
+    assert raw_keys(store) == ["jobs/j/n.json"]
+
+
+def test_file_store_updates_racing_in_threads_lose_nothing(file_store_url):
+    store = open_store(file_store_url)
+
+    def add_many(worker: int) -> None:
+        for i in range(25):
+            store.update("jobs/j/n.json", append_to(f"{worker}-{i}"))
+
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(add_many, range(4)))
+    assert sorted(get_json(store, "jobs/j/n.json")) == sorted(
+        f"{w}-{i}" for w in range(4) for i in range(25))
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_s3_update_that_loses_a_race_tries_again_on_what_won(s3_store_url, existing):
+    """Another writer gets in between this update's read and its write: the conditional
+    put fails (If-Match, or If-None-Match where there was nothing) and the update is
+    made again on the winner's object, so neither write is lost."""
+    store = open_store(s3_store_url)
+    if existing:
+        store.update("n.json", append_to("first"))
+    seen = []
+
+    def change(current: bytes | None) -> bytes:
+        seen.append(current)
+        if len(seen) == 1:  # the other writer, between our read and our write
+            store.update("n.json", append_to("other"))
+        return append_to("mine")(current)
+
+    store.update("n.json", change)
+    assert get_json(store, "n.json") == ["first"] * existing + ["other", "mine"]
+    assert len(seen) == 2
