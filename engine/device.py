@@ -124,3 +124,9 @@ def _available_ram() -> int:
     except OSError:
         pass
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def cpu_has_int8_dot() -> bool:
+    """Whether the CPU has int8 dot-product instructions (VNNI or AMX-INT8), which make
+    torch's int8 x int8 matmul (`torch._int_mm`) faster than its weight-only int8 op."""
+    return bool(cpu_flags() & {"avx512_vnni", "avx_vnni", "amx_int8"})

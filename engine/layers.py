@@ -35,22 +35,25 @@ def silu_and_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 UPCAST_CHUNK_ELEMENTS = 1 << 21
 
 
-class _UpcastBuffer(threading.local):
-    """A float32 buffer reused by every upcast matmul of a thread: a fresh tensor per call
-    costs page faults, which take longer than the conversion itself."""
+class ScratchBuffers(threading.local):
+    """One buffer per dtype per thread, reused by every call that needs scratch of it
+    (the upcast matmuls below, the int4 tile kernel): a fresh tensor per call costs page
+    faults, which take longer than filling it."""
 
-    tensor: torch.Tensor | None = None
+    def __init__(self) -> None:
+        self.tensors: dict[torch.dtype, torch.Tensor] = {}
 
-    def get(self, numel: int) -> torch.Tensor:
-        if self.tensor is None or self.tensor.numel() < numel:
+    def get(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        tensor = self.tensors.get(dtype)
+        if tensor is None or tensor.numel() < numel:
             # A normal tensor even when first needed under inference_mode, so that calls
             # outside it may write to it too.
             with torch.inference_mode(False):
-                self.tensor = torch.empty(numel, dtype=torch.float32)
-        return self.tensor[:numel]
+                tensor = self.tensors[dtype] = torch.empty(numel, dtype=dtype)
+        return tensor[:numel]
 
 
-_upcast_buffer = _UpcastBuffer()
+scratch = ScratchBuffers()
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -70,7 +73,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     rows = max(1, UPCAST_CHUNK_ELEMENTS // in_features)
     for start in range(0, out_features, rows):
         stop = min(out_features, start + rows)
-        chunk = _upcast_buffer.get((stop - start) * in_features).view(stop - start, in_features)
+        chunk = scratch.get((stop - start) * in_features, torch.float32)
+        chunk = chunk.view(stop - start, in_features)
         chunk.copy_(weight[start:stop])
         chunk_bias = None if bias is None else bias[start:stop].float()
         out[..., start:stop] = F.linear(x32, chunk, chunk_bias)

@@ -21,7 +21,15 @@ widths). A kernel then packs that form for its op; none keeps a dequantized floa
   where that op is slow, a bfloat16 matmul over the same codes (exact in bfloat16),
   scaled after. Non-zero offsets add (sum of x over the group) @ offsets[group] in
   float32. This keeps grouped and asymmetric 8-bit GPTQ exact
-  instead of requantizing it per channel, for one op call per group.
+  instead of requantizing it per channel, for one op call per group. On CPUs with int8
+  dot-product instructions, from a row count measured per shape at start-up, the same
+  codes multiply activations quantized per row instead, int8 x int8
+  (engine/quant/int8_activations.py); the name says which: int8_weight_only,
+  int8_weight_only+w8a8 (switching) or int8_w8a8.
+- int4 on CPU, for many rows: tiles of the weight dequantized into a reused buffer and
+  a float GEMM (engine/quant/int4_tiles.py), from a row count measured per shape; below
+  it tinygemm (int4_tinygemm+tiles). Where one wins at every row count measured, it
+  alone is built (int4_tinygemm or int4_tiles).
 - anything else (float32/float16 activations, odd shapes or group sizes, int8 on CUDA,
   ops missing): dequantize a slice of input features at a time inside the matmul
   (`_DequantChunked`). `pick_kernel` says why each case goes where it goes.
@@ -29,11 +37,18 @@ widths). A kernel then packs that form for its op; none keeps a dequantized floa
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
 from engine.layers import linear
+from engine.quant import int8_activations
+from engine.quant.crossover import MEASURED_ROWS, switch_rows
+from engine.quant.int4_tiles import Int4Tiles
+
+# Large-batch int4 kernel switch (engine/quant/crossover.py): auto | on | off.
+INT4_TILES_ENV_VAR = "BATCHINFER_INT4_TILES"
 
 _INT4_KERNEL_GROUP_SIZES = (256, 128, 64, 32)
 # Input features dequantized at a time by the portable fallback: bounds its scratch
@@ -78,22 +93,48 @@ class _Int8PerGroup:
         )
         self.scales = w.scales.to(device, dtype)
         self.offsets = None if w.offsets is None else w.offsets.to(device)
+        n, k = w.qc.shape
+        shape = (n, k, w.group_size, dtype, device.type)
+        self.switch_rows = int8_activations.first_rows(
+            shape, self._weight_only, self._int8_activations, k, n, dtype, device
+        )
+        if self.switch_rows == 0:
+            self.name = "int8_w8a8"
+        elif self.switch_rows < math.inf:
+            self.name = "int8_weight_only+w8a8"
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] >= _INT8_OP_MAX_ROWS:
-            y = self._codes_matmul(x)
-        elif len(self.qweight) == 1:
-            y = torch._weight_int8pack_mm(x, self.qweight[0], self.scales[0])
-        else:
-            # Sum the per-group products in float32: bfloat16 partial sums would lose bits.
-            y = torch.zeros(x.shape[0], self.scales.shape[1], device=x.device)
-            for g, (qweight, scales) in enumerate(zip(self.qweight, self.scales, strict=True)):
-                xg = x[:, g * self.group_size : (g + 1) * self.group_size]
-                y += torch._weight_int8pack_mm(xg, qweight, scales)
+        wide = x.shape[0] >= self.switch_rows
+        y = self._int8_activations(x) if wide else self._weight_only(x)
         if self.offsets is not None:
             group_sums = x.view(x.shape[0], -1, self.group_size).sum(-1, dtype=torch.float32)
             y = y + group_sums @ self.offsets
         return y.to(x.dtype)
+
+    def _weight_only(self, x: torch.Tensor) -> torch.Tensor:
+        """float32 sum over groups of x_g @ (codes_g * scales_g).T, activations as given."""
+        if x.shape[0] >= _INT8_OP_MAX_ROWS:
+            return self._codes_matmul(x)
+        if len(self.qweight) == 1:
+            return torch._weight_int8pack_mm(x, self.qweight[0], self.scales[0])
+        # Sum the per-group products in float32: bfloat16 partial sums would lose bits.
+        y = torch.zeros(x.shape[0], self.scales.shape[1], device=x.device)
+        for g, (qweight, scales) in enumerate(zip(self.qweight, self.scales, strict=True)):
+            xg = x[:, g * self.group_size : (g + 1) * self.group_size]
+            y += torch._weight_int8pack_mm(xg, qweight, scales)
+        return y
+
+    def _int8_activations(self, x: torch.Tensor) -> torch.Tensor:
+        """The same sum with x quantized per row (engine/quant/int8_activations.py):
+        int8 x int8 products with int32 accumulation, rescaled in float32."""
+        xq, x_scale = int8_activations.quantize_rows(x)
+        if len(self.qweight) == 1:
+            return (torch._int_mm(xq, self.qweight[0].t()) * x_scale).mul_(self.scales[0])
+        y = torch.zeros(x.shape[0], self.scales.shape[1], device=x.device)
+        for g, (codes, scales) in enumerate(zip(self.qweight, self.scales, strict=True)):
+            xg = xq[:, g * self.group_size : (g + 1) * self.group_size]
+            y.addcmul_(torch._int_mm(xg, codes.t()), scales)
+        return y.mul_(x_scale)
 
     def _codes_matmul(self, x: torch.Tensor) -> torch.Tensor:
         """float32 sum over groups of (x_g @ codes_g.T) * scales_g, for many rows.
@@ -256,5 +297,37 @@ def pick_kernel(w: Centered, dtype: torch.dtype, device: torch.device):
     # torch's CUDA int8 op is not used: it is far slower than dequantizing slices, let
     # alone a bfloat16 matmul.
     if w.bits == 4 and _Int4Tinygemm.supports(len(w.qc), w.group_size, dtype, device):
-        return _Int4Tinygemm(w, dtype, device)
+        return _int4_kernel(w, dtype, device)
     return _DequantChunked(w, dtype, device)
+
+
+class _BySize:
+    """Two kernels for one layer: `small` below `switch_rows` rows, `large` from there on."""
+
+    def __init__(self, small, large, switch_rows: float):
+        self.name = f"{small.name}+{large.name.removeprefix('int4_')}"
+        self.small, self.large, self.switch_rows = small, large, switch_rows
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.large if x.shape[0] >= self.switch_rows else self.small)(x)
+
+    def nbytes(self) -> int:
+        return self.small.nbytes() + self.large.nbytes()
+
+
+def _int4_kernel(w: Centered, dtype: torch.dtype, device: torch.device):
+    """tinygemm for few rows, tiles of dequantized weights for many (engine/quant/
+    int4_tiles.py), switching where measured; one of them alone where it wins at every
+    measured row count (then only its packed weights are kept)."""
+    tinygemm = _Int4Tinygemm(w, dtype, device)
+    if device.type != "cpu":  # the tiles are measured against the CPU kernel only
+        return tinygemm
+    tiles = Int4Tiles(w.qc, w.scales, w.offsets, w.group_size, dtype, device)
+    n, k = w.qc.shape
+    shape = (n, k, w.group_size, w.offsets is not None, dtype, device.type)
+    rows = switch_rows(INT4_TILES_ENV_VAR, True, shape, tinygemm, tiles, k, dtype, device)
+    if rows == math.inf:
+        return tinygemm
+    if rows <= MEASURED_ROWS[0]:
+        return tiles
+    return _BySize(tinygemm, tiles, rows)

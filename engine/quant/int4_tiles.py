@@ -1,0 +1,89 @@
+"""int4 weights for large batches: dequantize a tile of the weight at a time, float GEMM.
+
+torch's CPU int4 op (tinygemm) runs at a fraction of the float GEMM rate, whatever the
+row count, so at prefill and big decode batches int4 would be slower than bfloat16. This
+kernel instead dequantizes a tile of output features at a time (at most _TILE_ELEMENTS
+weights, so the tile stays in cache between its dequantization and its GEMM) into one
+reused buffer and multiplies by it with the float GEMM: the dequantization costs about
+as much as a small-batch product, the GEMM runs at the float rate. No full dequantized
+copy is ever held.
+
+Packing: two codes per byte, per group of g inputs the low nibble holds input j and the
+high nibble input j + g/2 (j < g/2), as two's complement (qc in [-8, 8)), so a tile
+unpacks with shifts into the two contiguous halves of each group and one multiply by
+the group's scale (and one add of its offset) gives W = qc * scale + offset: the
+definition tinygemm computes as well.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from engine.device import cpu_matmul_upcasts
+from engine.layers import scratch
+
+# Weights per tile (1 MiB of bfloat16): with the tile's codes and the activations this
+# stays in a core's L2 on current server CPUs.
+_TILE_ELEMENTS = 1 << 19
+_TILE_ROW_MULTIPLE = 16  # output features per tile: whole GEMM register blocks
+
+
+class Int4Tiles:
+    """y = x @ W.T from int4 codes, a dequantized tile of W at a time (module docstring)."""
+
+    name = "int4_tiles"
+
+    def __init__(self, qc: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None,
+                 group_size: int, dtype: torch.dtype, device: torch.device):
+        """qc int8 [N, K] in [-8, 8); scales, offsets float32 [K / group_size, N]."""
+        n, k = qc.shape
+        self.in_features = k
+        self.group_size = group_size
+        # Where this dtype's GEMM is emulated (no bf16/fp16 instructions), tiles and
+        # products are float32 over the same values (engine.layers.linear does the same).
+        self.compute_dtype = torch.float32 if cpu_matmul_upcasts(dtype) else dtype
+        groups = qc.view(n, k // group_size, 2, group_size // 2)
+        self.packed = ((groups[:, :, 0] & 15) | (groups[:, :, 1] << 4)).to(device)
+        # [N, n_groups, 1]: broadcast over each group's inputs in a tile.
+        self.scales = scales.t().to(device, self.compute_dtype).contiguous()[..., None]
+        # Offsets stay out of the tiles: x @ offsets-part = (x summed per group) @ offsets,
+        # a [rows, n_groups] x [n_groups, N] product, cheaper than a pass over each tile.
+        # Kept in the compute dtype, as tinygemm keeps its zeros: the same bytes.
+        self.offsets = None if offsets is None else offsets.to(device, self.compute_dtype)
+        rows = _TILE_ELEMENTS // k // _TILE_ROW_MULTIPLE * _TILE_ROW_MULTIPLE
+        self.tile_rows = max(_TILE_ROW_MULTIPLE, rows)
+
+    def _dequantize(self, start: int, stop: int) -> torch.Tensor:
+        """W[start:stop] in the compute dtype, in the shared scratch buffer."""
+        packed = self.packed[start:stop]  # int8 [n, n_groups, group_size / 2]
+        n = stop - start
+        tile = scratch.get(n * self.in_features, self.compute_dtype).view(n, self.in_features)
+        halves = tile.view(*packed.shape[:2], 2, packed.shape[2])
+        codes = scratch.get(packed.numel(), torch.int8).view(packed.shape)
+        # Arithmetic shifts of int8 sign-extend each nibble back to qc.
+        torch.bitwise_left_shift(packed, 4, out=codes).bitwise_right_shift_(4)
+        halves[:, :, 0].copy_(codes)
+        torch.bitwise_right_shift(packed, 4, out=codes)
+        halves[:, :, 1].copy_(codes)
+        tile.view(n, -1, self.group_size).mul_(self.scales[start:stop])
+        return tile
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        xc = x.to(self.compute_dtype)
+        n = len(self.packed)
+        if self.tile_rows >= n:
+            y = F.linear(xc, self._dequantize(0, n))
+        else:
+            y = torch.empty(x.shape[0], n, dtype=self.compute_dtype, device=x.device)
+            for start in range(0, n, self.tile_rows):
+                stop = min(start + self.tile_rows, n)
+                y[:, start:stop] = F.linear(xc, self._dequantize(start, stop))
+        if self.offsets is not None:
+            group_sums = x.view(x.shape[0], -1, self.group_size).sum(-1, dtype=torch.float32)
+            y = (group_sums @ self.offsets.float()).add_(y)
+        return y.to(x.dtype)
+
+    def nbytes(self) -> int:
+        tensors = (self.packed, self.scales, self.offsets)
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
