@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import uuid
 from collections.abc import Iterable, Iterator
 from datetime import datetime
 from itertools import groupby
@@ -54,17 +52,11 @@ def unfinished_code(state: str, expired: bool = False) -> str | None:
 
 def write_lines(lines: Iterable[bytes], out_path: str | Path) -> int:
     """Write lines to a local file that appears whole or not at all; returns their count."""
-    out = Path(out_path)
-    temp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex}")
     count = 0
-    try:
-        with temp.open("wb") as file:
-            for line in lines:
-                file.write(line)
-                count += 1
-        os.replace(temp, out)
-    finally:
-        temp.unlink(missing_ok=True)
+    with results.local_file_atomically(out_path) as temp, temp.open("wb") as file:
+        for line in lines:
+            file.write(line)
+            count += 1
     return count
 
 

@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from jobs import keys
-from jobs.manifest import utc_now
+from jobs.manifest import TERMINAL_STATES, utc_now
 from jobs.store import NotFound, Store, get_json
 
 
@@ -62,6 +62,15 @@ def read_progress(store: Store, job_id: str) -> dict[str, Any]:
                       if running else 0.0),
         "shards": sorted(shards, key=lambda s: s["shard"]),
     }
+
+
+def with_live_progress(store: Store, status: dict[str, Any]) -> dict[str, Any]:
+    """A job's manifest as callers show it: while the job runs, with the shards' live
+    progress under "progress" and counts that move (add_live_counts)."""
+    if status["state"] not in TERMINAL_STATES:
+        status["progress"] = live = read_progress(store, status["job_id"])
+        add_live_counts(store, status, live)
+    return status
 
 
 def add_live_counts(store: Store, status: dict[str, Any], live: dict[str, Any],

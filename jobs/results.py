@@ -10,6 +10,7 @@ import itertools
 import os
 import uuid
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pyarrow as pa
@@ -101,20 +102,27 @@ def errors_table(store: Store, job_id: str) -> pa.Table:
                      ERROR_KIND_COLUMN: pa.array([], pa.string())})
 
 
+@contextmanager
+def local_file_atomically(out_path: str | Path) -> Iterator[Path]:
+    """A temporary path beside out_path to write; it becomes out_path when the block ends
+    without an error, so the file appears whole or not at all."""
+    out = Path(out_path)
+    temp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex}")
+    try:
+        yield temp
+        os.replace(temp, out)
+    finally:
+        temp.unlink(missing_ok=True)
+
+
 def write_tables_file(tables: Iterable[pa.Table], out_path: str | Path) -> int:
     """Write tables of one schema to a local Parquet file that appears whole or not at all;
     returns the number of rows written."""
     tables = iter(tables)
     first = next(tables)
-    out = Path(out_path)
-    temp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex}")
     rows = 0
-    try:
-        with pq.ParquetWriter(temp, first.schema) as writer:
-            for part in itertools.chain([first], tables):
-                writer.write_table(part)
-                rows += part.num_rows
-        os.replace(temp, out)
-    finally:
-        temp.unlink(missing_ok=True)
+    with local_file_atomically(out_path) as temp, pq.ParquetWriter(temp, first.schema) as writer:
+        for part in itertools.chain([first], tables):
+            writer.write_table(part)
+            rows += part.num_rows
     return rows

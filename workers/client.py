@@ -49,11 +49,8 @@ class Job:
     def status(self) -> dict[str, Any]:
         """The manifest; while the job runs, with the shards' live progress under "progress"
         and counts that move as shards finish (rows done, shards done, an ETA)."""
-        state = manifest.load_manifest(self.client.store, self.id)
-        if state["state"] not in TERMINAL_STATES:
-            state["progress"] = live = progress.read_progress(self.client.store, self.id)
-            progress.add_live_counts(self.client.store, state, live)
-        return state
+        return progress.with_live_progress(
+            self.client.store, manifest.load_manifest(self.client.store, self.id))
 
     def worker_notice(self) -> str | None:
         """What to do when no worker consumes this job's queue (None: one does)."""

@@ -153,10 +153,8 @@ def refresh(store: Store, record: dict[str, Any]) -> dict[str, Any]:
         objects.save(store, record)
         request_cancel(store, job_id, by="the end of its completion window")
         manifest = finalize.finalize_if_complete(store, job_id) or load_manifest(store, job_id)
+    manifest = progress.with_live_progress(store, manifest)
     state = manifest["state"]
-    if state not in TERMINAL_STATES:
-        manifest["progress"] = live = progress.read_progress(store, job_id)
-        progress.add_live_counts(store, manifest, live)
     record["usage"] = _usage(manifest.get("usage", {}))
     counts = manifest["counts"]
     record["request_counts"] = {"total": counts["total_rows"],
