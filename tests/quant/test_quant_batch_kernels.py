@@ -125,18 +125,25 @@ def test_auto_int8_activations_measured_and_correct(monkeypatch):
 def test_greedy_engine_runs_with_int8_activations(monkeypatch, make_model):
     """A whole engine on int8 activations: it runs, and its logits stay near the
     weight-only engine's (random weights, hidden 128; bound 0.3)."""
-    model = make_model("llama", hidden_size=128, intermediate_size=256,
-                       num_attention_heads=4, num_key_value_heads=2)
-    monkeypatch.setenv(INT8, "on")
-    llm = make_llm(model, dtype="bfloat16", quantization="int8")
+    llm = _near_the_old_kernels(monkeypatch, make_model, INT8, "int8")
     switches = {m.kernel.switch_rows for m in llm.model.modules() if isinstance(m, QuantLinear)}
     assert switches == {0}
-    monkeypatch.setenv(INT8, "off")
-    reference = make_llm(model, dtype="bfloat16", quantization="int8")
+
+
+def _near_the_old_kernels(monkeypatch, make_model, switch: str, quantization: str):
+    """An engine with switch on, checked against one with it off: logits within 0.3 on
+    every prompt, and greedy runs of the full length. Returns the engine with it on."""
+    model = make_model("llama", hidden_size=128, intermediate_size=256,
+                       num_attention_heads=4, num_key_value_heads=2)
+    monkeypatch.setenv(switch, "on")
+    llm = make_llm(model, dtype="bfloat16", quantization=quantization)
+    monkeypatch.setenv(switch, "off")
+    reference = make_llm(model, dtype="bfloat16", quantization=quantization)
     for ids in PROMPTS:
         assert float((final_logits(llm, ids) - final_logits(reference, ids)).abs().max()) < 0.3
     outs = llm.generate(PROMPTS, GREEDY)
     assert [len(o.token_ids) for o in outs] == [12, 12, 12]
+    return llm
 
 
 # --- int4 tiles -------------------------------------------------------------------------
@@ -234,18 +241,9 @@ def test_auto_int4_measured_and_correct(monkeypatch):
 
 
 def test_greedy_engine_runs_with_int4_tiles(monkeypatch, make_model):
-    model = make_model("llama", hidden_size=128, intermediate_size=256,
-                       num_attention_heads=4, num_key_value_heads=2)
-    monkeypatch.setenv(INT4_TILES_ENV_VAR, "on")
-    llm = make_llm(model, dtype="bfloat16", quantization="int4")
+    llm = _near_the_old_kernels(monkeypatch, make_model, INT4_TILES_ENV_VAR, "int4")
     kernels = {m.kernel_name for m in llm.model.modules() if isinstance(m, QuantLinear)}
     assert kernels == {"int4_tiles"}
-    monkeypatch.setenv(INT4_TILES_ENV_VAR, "off")
-    reference = make_llm(model, dtype="bfloat16", quantization="int4")
-    for ids in PROMPTS:
-        assert float((final_logits(llm, ids) - final_logits(reference, ids)).abs().max()) < 0.3
-    outs = llm.generate(PROMPTS, GREEDY)
-    assert [len(o.token_ids) for o in outs] == [12, 12, 12]
 
 
 # --- the switch rule ----------------------------------------------------------------------
