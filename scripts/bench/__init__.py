@@ -14,6 +14,11 @@ One run, one model, one dtype, one set of rows with skewed lengths, three system
           the same with LLM(enforce_eager=True): no CUDA graphs (on CPUs the same as
           engine). Not run by default: `--systems engine,engine-eager` shows what the
           graphs give on a GPU.
+  llama.cpp
+          llama.cpp through llama-cpp-python (the optional extra bench-llama-cpp) on the same
+          weights as GGUF, one entry per format: "llama.cpp bf16" (the run's float dtype),
+          "llama.cpp q8_0", and "llama.cpp q4_0" when --quant has int4; many sequences
+          per llama_decode, greedy, each row's own max tokens. Not run by default.
 
 Every system must produce the same number of useful tokens (the sum of the rows'
 max_tokens); the JSON says whether they did. Each system runs in its own child process so
@@ -27,7 +32,7 @@ system's wall time against the roofline bound of the workload.
     python scripts/bench.py --quick                      # seconds; what tests/test_bench.py runs
 
 JSON goes to stdout (or --out FILE), a readable table to stderr. Top-level keys:
-schema, command, config, machine, model, workload, systems{naive,hf-cb,engine[,engine-eager]},
+schema, command, config, machine, model, workload, systems{naive,hf-cb,engine[,engine-eager][,llama.cpp FORMAT]},
 expected_useful_tokens, useful_tokens_match, roofline, quant[]. A system entry has
 status ("ok" | "skipped" | "error"), note/error, wall_s, rows, prompt_tokens,
 useful_tokens, useful_tok_s, total_tok_s, ratio_vs_naive, occupancy (sequences per step
@@ -41,8 +46,9 @@ for whole time slices whenever another process holds a core (a tiny model's deco
 went from 1 ms to 250 ms here).
 
 Modules: cli (options, presets), main (the run), workload (the rows), random_model,
-child (the child-process protocol), hf_baselines and engine_system (the systems, each run
-in a child), roofline, sizes (parameter and byte counts), report (JSON and table).
+child (the child-process protocol), hf_baselines, engine_system and llama_cpp_system (the
+systems, each run in a child; llama_cpp_runner batches for llama.cpp, gguf_export writes its
+files), roofline, sizes (parameter and byte counts), report (JSON and table).
 """
 
 from __future__ import annotations

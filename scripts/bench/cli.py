@@ -10,7 +10,7 @@ from engine.quant.scheme import parse_rtn
 from engine.random_model import ARCHITECTURES, SHAPES
 from engine.sampling_params import MAX_LOGPROBS
 
-SYSTEMS = ("naive", "hf-cb", "engine", "engine-eager")
+SYSTEMS = ("naive", "hf-cb", "engine", "engine-eager", "llama.cpp")
 DEFAULT_SYSTEMS = ["naive", "hf-cb", "engine"]
 FLOAT_PRECISIONS = ("float32", "bfloat16", "float16")
 QUICK_INT4 = "int4-g32"  # --quick's int4: a group size the tiny model's inputs divide
@@ -90,8 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: bfloat16 on CUDA or a CPU with avx512_bf16/AMX, else float32")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--systems", type=lambda s: parse_list(s, SYSTEMS), default=DEFAULT_SYSTEMS,
-                   help="comma list of naive,hf-cb,engine,engine-eager (default: "
-                        "naive,hf-cb,engine; absent ones are skipped)")
+                   help="comma list of naive,hf-cb,engine,engine-eager,llama.cpp (default: "
+                        "naive,hf-cb,engine; absent ones are skipped). llama.cpp runs the "
+                        "same weights as GGUF: the run's float dtype, Q8_0, and Q4_0 when "
+                        "--quant has int4")
     p.add_argument("--naive-batch", type=int,
                    help="rows per HF generate call (default 32: a usual hand-picked batch; "
                         "bigger batches waste more steps waiting for the batch's longest row)")

@@ -13,7 +13,16 @@ from typing import Any
 from engine import EngineConfig
 from engine.config import ModelConfig, load_model_config
 from engine.device import CPU_KV_CACHE_CAP, resolve_device, resolve_dtype
-from scripts.bench import engine_system, hf_baselines, log, modes, random_model, roofline
+from scripts.bench import (
+    engine_system,
+    gguf_export,
+    hf_baselines,
+    llama_cpp_system,
+    log,
+    modes,
+    random_model,
+    roofline,
+)
 from scripts.bench.child import Task, run_child, serve
 from scripts.bench.cli import FLOAT_PRECISIONS, build_parser, finish_args
 from scripts.bench.report import build_report, fmt, print_table, write_json
@@ -24,7 +33,7 @@ CHILD_TASKS: dict[str, Task] = {
     "build": random_model.task_build, "peaks": roofline.task_peaks,
     "naive": hf_baselines.task_naive, "hf-cb": hf_baselines.task_hf_cb,
     "engine": engine_system.task_engine, "engine-eager": engine_system.task_engine,
-    "engine-modes": modes.task_modes,
+    "engine-modes": modes.task_modes, llama_cpp_system.NAME: llama_cpp_system.task_llama_cpp,
 }
 
 
@@ -59,9 +68,11 @@ def main(argv: list[str] | None = None) -> int:
         workload_file = Path(tmp) / "workload.json"
         work.write(workload_file)
         base = {"device": device, "workload_file": str(workload_file),
-                "naive_batch": args.naive_batch}
+                "naive_batch": args.naive_batch, "threads": args.threads,
+                "gguf_dir": str(gguf_export.cache_dir_for(args.cache_dir, model_dir))}
         peaks = roofline.measure_peaks(settings, model, len(work.prompts), args.quick)
-        systems = run_systems(args.systems, base, settings)
+        names = llama_cpp_system.expand(args.systems, dtype, args.quant)
+        systems = run_systems(names, base, settings)
         quant = run_quant_axis(args.quant, base, settings, systems)
         extra = run_modes(args, base, settings)
 
@@ -117,7 +128,11 @@ def engine_settings(args: argparse.Namespace, model_dir: Path, device: str, dtyp
 def system_task(name: str, base: dict[str, Any], settings: EngineConfig) -> dict[str, Any]:
     if name == "engine-eager":
         settings = dataclasses.replace(settings, enforce_eager=True)
-    return {**base, "kind": name, "engine": dataclasses.asdict(settings)}
+    task = {**base, "kind": name, "engine": dataclasses.asdict(settings)}
+    system, _, fmt = name.partition(" ")
+    if system == llama_cpp_system.NAME:  # "llama.cpp q8_0": one task kind, the format apart
+        task.update(kind=system, gguf_format=fmt)
+    return task
 
 
 def run_systems(names: list[str], base: dict[str, Any],

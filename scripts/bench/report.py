@@ -150,6 +150,8 @@ def print_table(report: dict[str, Any]) -> None:
             log(f"{'':<16}{e.get('error') or e.get('note')}")
         elif e.get("weight_bytes") and name.startswith("engine "):
             log(f"{'':<16}weights {e['weight_bytes'] / MIB:.1f} MiB")
+        elif e.get("gguf_bytes"):
+            log(f"{'':<16}GGUF {e['gguf_bytes'] / MIB:.1f} MiB; {e.get('note')}")
     roof = report["roofline"]
     if roof.get("status") == "ok":
         cost = roof["workload"]

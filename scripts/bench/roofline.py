@@ -141,6 +141,8 @@ def system_bound(entry: dict[str, Any], costs: dict[str, float], peaks: dict[str
     weights = matmul_weight_bytes(model, dtype)
     if entry.get("weight_bytes"):
         weights = entry["weight_bytes"] - embed_params(model) * dtype_bytes(entry_dtype)
+    if entry.get("matmul_weight_bytes"):  # llama.cpp: its GGUF's own (quantized) tensors
+        weights = entry["matmul_weight_bytes"]
     if entry_dtype != dtype:  # a float entry of the quant axis: its KV has its own size
         kv_scale = dtype_bytes(entry_dtype) / dtype_bytes(dtype)
         costs = {**costs, "kv_bytes": costs["kv_bytes"] * kv_scale}
