@@ -22,6 +22,7 @@ from engine.outputs import Logprob
 # whole prompt chunk of thousands of rows. Below glibc's 32 MiB mmap ceiling they are also
 # served from the heap, where larger ones would page-fault afresh every step on CPUs.
 ELEMENTS_PER_PASS = 1 << 22
+TOP_K_CHUNK = 64  # entries per chunk of top_k's first stage
 
 TokenText = Mapping[int, str]  # a token id's Logprob.decoded_token (TokenTexts)
 
@@ -50,6 +51,25 @@ class TokenTexts(dict[int, str]):
         return text
 
 
+def top_k(values: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """values.topk(k, dim=-1), in two stages: the k largest of each row lie in the chunks
+    (of TOP_K_CHUNK) with the k largest chunk maxima, so one fast pass takes the maxima and
+    topk runs over those chunks only (4-6x faster than topk over a whole vocabulary)."""
+    rows, width = values.shape
+    chunks = width // TOP_K_CHUNK
+    if chunks <= k:
+        return values.topk(k, dim=-1)
+    maxima = values[:, : chunks * TOP_K_CHUNK].view(rows, chunks, TOP_K_CHUNK).amax(dim=-1)
+    best_chunks = maxima.topk(k, dim=-1).indices
+    offsets = torch.arange(TOP_K_CHUNK, device=values.device)
+    columns = (best_chunks[:, :, None] * TOP_K_CHUNK + offsets).view(rows, -1)
+    if chunks * TOP_K_CHUNK < width:  # the vocabulary's last, partial chunk: always looked at
+        tail = torch.arange(chunks * TOP_K_CHUNK, width, device=values.device)
+        columns = torch.cat([columns, tail.expand(rows, -1)], dim=1)
+    top_values, picked = values.gather(1, columns).topk(k, dim=-1)
+    return top_values, columns.gather(1, picked)
+
+
 def logprob_dicts(
     logits: torch.Tensor, token_ids: torch.Tensor, num_top: list[int], token_text: TokenText
 ) -> list[dict[int, Logprob]]:
@@ -70,7 +90,7 @@ def logprob_dicts(
         targets = token_ids[start : start + rows_per_pass, None]
         target_logprobs = logprobs.gather(1, targets)
         # Two more than reported: a token up to one past the reported ranks above the last.
-        top_logprobs, top_ids = logprobs.topk(widest + 2, dim=-1)
+        top_logprobs, top_ids = top_k(logprobs, widest + 2)
         # An int32 sum: a bool tensor summed to int64 takes a slow path on CPUs (8x).
         ranks = (top_logprobs >= target_logprobs).sum(dim=-1, keepdim=True, dtype=torch.int32)
         beyond = (top_logprobs[:, -1] >= target_logprobs[:, 0]).nonzero().squeeze(1)

@@ -124,11 +124,12 @@ class ModelRunner:
         )
         asking = [i for i, seq in enumerate(sampled) if seq.params.logprobs is not None]
         if asking:
-            index = torch.tensor(asking, device=self.device)
-            dicts = logprob_dicts(
-                sample_logits[index], tokens[index],
-                [sampled[i].params.logprobs for i in asking], token_text,
-            )
+            scored_logits, scored_tokens = sample_logits, tokens
+            if len(asking) < len(sampled):  # (a whole job's rows all ask: no copy of them)
+                index = torch.tensor(asking, device=self.device)
+                scored_logits, scored_tokens = sample_logits[index], tokens[index]
+            dicts = logprob_dicts(scored_logits, scored_tokens,
+                                  [sampled[i].params.logprobs for i in asking], token_text)
             output.logprobs = {sampled[i]: entry for i, entry in zip(asking, dicts, strict=True)}
         output.tokens = dict(zip(sampled, tokens.tolist(), strict=True))
         return output

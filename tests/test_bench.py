@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -114,9 +115,10 @@ def test_roofline_and_quant_axis(quick_run):
 
 @pytest.fixture(scope="module")
 def modes_run(tmp_path_factory) -> tuple[dict[str, Any], str]:
-    """--quick with the engine alone, constrained to a choice and scored (top 2)."""
+    """--quick with the engine alone, constrained to a choice and scored (top 2), two
+    interleaved rounds."""
     return run_quick_bench(tmp_path_factory.mktemp("bench-modes"), "--systems", "engine",
-                           "--structured", "choice", "--logprobs", "2")
+                           "--structured", "choice", "--logprobs", "2", "--repeats", "2")
 
 
 @pytest.mark.skipif(not engine_importable(), reason="engine not importable")
@@ -133,6 +135,12 @@ def test_structured_and_logprobs_overhead(modes_run):
         assert section["wall_s"] > 0 and section["baseline_wall_s"] > 0
         assert isinstance(section["overhead_pct"], int | float)
     assert structured["compile_ms"] >= 0
+    for section in (structured, logprobs):  # medians of two rounds each
+        assert len(section["walls_s"]) == len(section["baseline_walls_s"]) == 2
+        assert section["wall_s"] == pytest.approx(statistics.median(section["walls_s"]),
+                                                  abs=1e-4)  # the report rounds to 4 places
+        assert section["baseline_wall_s"] == pytest.approx(
+            statistics.median(section["baseline_walls_s"]), abs=1e-4)
     assert structured["valid_outputs"] == structured["finished_outputs"]
     assert logprobs["k"] == 2 and logprobs["all_tokens_scored"] is True
     # The constrained runs stay out of the cross-system token comparison.

@@ -113,6 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--logprobs", type=int, metavar="K",
                    help="also run the engine with every row scored (top K logprobs per "
                         "token), against the engine unconstrained")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="rounds of --structured / --logprobs against the baseline, "
+                        "interleaved; medians compared (default 1; on a shared machine 3)")
     p.add_argument("--threads", type=int,
                    help="CPU threads per system (OMP_NUM_THREADS; default: torch's choice). "
                         "On a shared CPU, fewer threads than busy cores avoids spin-wait stalls")
@@ -143,6 +146,8 @@ def finish_args(args: argparse.Namespace) -> argparse.Namespace:
         raise ValueError("--shared-prefix-frac must be within [0, 1]")
     if args.logprobs is not None and not 0 <= args.logprobs <= MAX_LOGPROBS:
         raise ValueError(f"--logprobs must be within [0, {MAX_LOGPROBS}]")
+    if args.repeats < 1:
+        raise ValueError("--repeats must be >= 1")
     if args.rows is not None and args.rows < 1:
         raise ValueError("--rows must be >= 1")
     return args

@@ -182,7 +182,8 @@ def run_modes(args: argparse.Namespace, base: dict[str, Any],
         return {}
     log(f"running engine {' and '.join(asked)} against engine unconstrained ...")
     task = {**system_task("engine", base, settings), "kind": "engine-modes",
-            "structured": args.structured, "logprobs": args.logprobs}
+            "structured": args.structured, "logprobs": args.logprobs,
+            "repeats": args.repeats}
     result = modes.finish_modes(run_child(task), asked)
     for key, section in result.items():
         log(f"  {key}: {section.get('status')} {fmt(section.get('wall_s'), '.2f')} s vs "

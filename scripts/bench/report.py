@@ -53,7 +53,7 @@ def build_report(args: argparse.Namespace, settings: EngineConfig, model: ModelC
             "max_num_batched_tokens": settings.max_num_batched_tokens,
             "kv_cache_bytes": kv_budget(settings), "prefix_caching": settings.enable_prefix_caching,
             "systems": args.systems, "quant": args.quant, "quick": args.quick,
-            "structured": args.structured, "logprobs": args.logprobs,
+            "structured": args.structured, "logprobs": args.logprobs, "repeats": args.repeats,
         },
         "machine": machine_info(device),
         "model": model_summary(model),
@@ -180,6 +180,9 @@ def print_modes(report: dict[str, Any]) -> None:
         line = (f"{label} {what}: {e['wall_s']:.2f} s vs unconstrained "
                 f"{e['baseline_wall_s']:.2f} s, overhead {e['overhead_pct']:+.1f}% "
                 f"({fmt(e.get('per_token_overhead_pct'), '+.1f')}% per token)")
+        rounds = len(e.get("walls_s") or [])
+        if rounds > 1:
+            line += f", medians of {rounds} interleaved rounds"
         if key == "structured":
             line += (f"; valid {e['valid_outputs']}/{e['finished_outputs']} finished of "
                      f"{e['rows']} rows; compile {e['compile_ms']:.1f} ms, first use "

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from engine import LLM, CompletionOutput, Logprob, SamplingParams
-from engine.logprobs import logprob_dicts
+from engine.logprobs import logprob_dicts, top_k
 from engine.model_runner import ModelRunner
 from engine.scheduler import Scheduler
 
@@ -276,6 +276,23 @@ def test_ranks_from_the_top_list_and_from_the_whole_vocabulary(num_top):
         assert [rank for rank, _ in reported][:num_top] == list(range(1, num_top + 1))
         assert [value for _, value in reported][:num_top] == pytest.approx(
             reference[row].topk(num_top).values.tolist(), abs=1e-6)
+
+
+@pytest.mark.parametrize("width", [1000, 4096, 32000])
+@pytest.mark.parametrize("k", [1, 3, 7, 22])
+def test_two_stage_top_k_equals_topk(width, k):
+    """top_k's chunked search finds torch.topk's values and ids: with the top values spread
+    over the row, crowded into one chunk, in the partial last chunk, and beside -inf."""
+    generator = torch.Generator().manual_seed(width + k)
+    values = torch.randn(6, width, generator=generator)
+    values[1, 64:64 + k] += 10.0  # all of the top in one chunk
+    values[2, -k:] += 10.0  # in the last entries (the partial chunk where there is one)
+    values[3, : width // 2] = float("-inf")
+    values[4, ::3] = float("-inf")
+    expected = values.topk(k, dim=-1)
+    got = top_k(values, k)
+    assert torch.equal(got[0], expected.values)
+    assert torch.equal(got[1], expected.indices)
 
 
 def test_prompt_logits_are_scored_a_slice_at_a_time(tiny_llama, hf, make_prompt, monkeypatch):
