@@ -6,13 +6,12 @@ add them up for a progress bar. (Workers also send the same numbers to Flower.)
 
 from __future__ import annotations
 
-import json
 from datetime import UTC, datetime
 from typing import Any
 
 from jobs import keys
 from jobs.manifest import TERMINAL_STATES, utc_now
-from jobs.store import NotFound, Store, get_json
+from jobs.store import NotFound, Store, get_json, json_bytes
 
 
 def write_progress(store: Store, job_id: str, shard_index: int, done: int, total: int,
@@ -26,11 +25,11 @@ def write_progress(store: Store, job_id: str, shard_index: int, done: int, total
     if it replaced one (or was not a first write).
     """
     key = keys.progress_key(job_id, shard_index)
-    data = json.dumps({
+    data = json_bytes({
         "shard": shard_index, "done": done, "failed": failed, "total": total, "tokens": tokens,
         "tokens_per_second": tokens_per_second, "occupancy": occupancy,
         "updated_at": utc_now(),
-    }, indent=2, sort_keys=True).encode()
+    })
     if first and store.create_once(key, data):
         return True
     store.put_bytes(key, data)

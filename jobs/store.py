@@ -120,8 +120,13 @@ class Store(ABC):
         """A tag that changes whenever the object is rewritten; NotFound if missing."""
 
 
+def json_bytes(value: Any) -> bytes:
+    """value as the store's JSON objects are written (put_json, read-modify-writes)."""
+    return json.dumps(value, indent=2, sort_keys=True).encode()
+
+
 def put_json(store: Store, key: str, value: Any) -> None:
-    store.put_bytes(key, json.dumps(value, indent=2, sort_keys=True).encode())
+    store.put_bytes(key, json_bytes(value))
 
 
 def get_json(store: Store, key: str) -> Any:

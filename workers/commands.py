@@ -54,7 +54,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
         raise UserError("--output needs --wait (or use `batchinfer results JOB -o FILE` later)")
     spec = {option.name: getattr(args, option.name) for option in spec_options()
             if getattr(args, option.name) is not None}
-    if args.input.endswith(".jsonl"):
+    if args.input.lower().endswith(".jsonl"):  # REQUESTS.JSONL too
         job = _client().submit_batch_file(args.input, **spec)
     elif "model" not in spec:
         raise UserError("--model is required (an OpenAI Batch .jsonl file names its own)")

@@ -4,8 +4,10 @@ drive OpenAI's Batch API with another base_url and api_key."""
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
+import logging
 import subprocess
 import sys
 import time
@@ -14,16 +16,21 @@ import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import openai
 import pytest
 
 from engine import LLM, SamplingParams
 from jobs.errors import UserError
+from jobs.file_store import FileStore
 from jobs.manifest import load_manifest
-from jobs.store import get_json, open_store
+from jobs.spec import spec_options
+from jobs.store import Store, get_json, open_store
 from tests.servers import free_port, log_tail, wait_until
 from tests.worker_processes import running_workers, worker_env
+from workers import commands
 from workers.api import batches, objects
 from workers.api.auth import ApiKeys, key_hash, owner_id
 
@@ -36,6 +43,7 @@ UPLOAD_LIMIT = 300_000  # bytes: BATCHINFER_MAX_INPUT_BYTES of the server under 
 
 
 _ENVIRONMENTS: dict[str, dict] = {}  # a server's URL -> its environment
+_SERVE_LOGS: dict[str, Path] = {}  # a server's URL -> what it printed
 
 
 def _server_env(url: str) -> dict:
@@ -62,6 +70,7 @@ def api(tmp_path_factory, redis_server, s3_server, tiny_llama) -> Iterator[str]:
                                    str(port)], env=env, stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     _ENVIRONMENTS[url] = env
+    _SERVE_LOGS[url] = log
     try:
         wait_until(lambda: _answers(url), 60, f"serve on port {port}")
         with running_workers(1, env, folder):
@@ -130,6 +139,10 @@ def _chat_text(engine: LLM, messages: list[dict], max_tokens: int) -> str:
 def test_a_chat_batch_runs_every_request_once(api, engine, tmp_path):
     client = _client(api)
     chats = [[{"role": "user", "content": f"tell me about cat {i}"}] for i in range(6)]
+    # A word from the middle of the greedy answer, as a stop string: the answer ends before
+    # it. top_p keeps only the likeliest token, so temperature 1 still gives that answer.
+    greedy = _chat_text(engine, chats[4], 16)
+    stop = greedy.split()[len(greedy.split()) // 2]
     lines = [_line(f"req-{i}", {"messages": chat, "max_tokens": 6 + i, "temperature": 0})
              for i, chat in enumerate(chats)]
     lines.append(_line("scored", {"messages": chats[0], "max_tokens": 4, "temperature": 0,
@@ -141,6 +154,11 @@ def test_a_chat_batch_runs_every_request_once(api, engine, tmp_path):
             "required": ["pet"]}}}}))
     lines.append(_line("bad", {"messages": chats[2], "tools": []}))
     lines.append(_line("too-hot", {"messages": chats[2], "temperature": -1}))
+    lines.append(_line("stopped", {"messages": chats[4], "max_tokens": 16, "temperature": 1,
+                                   "top_p": 0.01, "seed": 5, "stop": [stop]}))
+    # Far longer than the model's context (512 tokens): refused when it runs.
+    lines.append(_line("too-long", {"messages": [{"role": "user", "content": "cat " * 1000}],
+                                    "max_tokens": 2}))
     file_id = _upload(client, lines, tmp_path)
     batch = client.batches.create(input_file_id=file_id, endpoint=CHAT,
                                   completion_window="24h", metadata={"team": "labels"})
@@ -153,15 +171,19 @@ def test_a_chat_batch_runs_every_request_once(api, engine, tmp_path):
     assert file_id in [f.id for f in client.files.list(purpose="batch")]
     assert file_id not in [f.id for f in client.files.list(purpose="batch_output")]
     assert (batch.request_counts.total, batch.request_counts.completed,
-            batch.request_counts.failed) == (11, 9, 2)
+            batch.request_counts.failed) == (13, 10, 3)
     assert batch.completed_at >= batch.in_progress_at >= batch.created_at
 
     outputs = _lines(client, batch.output_file_id)
     errors = _lines(client, batch.error_file_id)
     # Every request exactly once, outputs in input order.
     assert [line["custom_id"] for line in outputs] == [f"req-{i}" for i in range(6)] + [
-        "scored", "two", "label"]
-    assert [line["custom_id"] for line in errors] == ["bad", "too-hot"]
+        "scored", "two", "label", "stopped"]
+    assert [line["custom_id"] for line in errors] == ["bad", "too-hot", "too-long"]
+    for line in outputs:
+        assert line["id"].startswith("batch_req_") and line["response"]["request_id"]
+        usage = line["response"]["body"]["usage"]
+        assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
     for i, line in enumerate(outputs[:6]):
         body = line["response"]["body"]
         assert line["response"]["status_code"] == 200 and line["error"] is None
@@ -192,6 +214,12 @@ def test_a_chat_batch_runs_every_request_once(api, engine, tmp_path):
     assert errors[0]["response"]["status_code"] == 400
     assert "body.tools is not supported" in errors[0]["response"]["body"]["error"]["message"]
     assert "temperature" in errors[1]["response"]["body"]["error"]["message"]
+    [stopped] = outputs[9]["response"]["body"]["choices"]
+    assert stopped["message"]["content"] == greedy[:greedy.index(stop)]
+    assert stopped["finish_reason"] == "stop"
+    too_long = errors[2]["response"]
+    assert too_long["status_code"] == 400
+    assert "more than the context length" in too_long["body"]["error"]["message"]
 
 
 def test_a_completions_batch_with_logprobs(api, engine, tmp_path):
@@ -263,10 +291,18 @@ def test_keys_and_owners(api, tmp_path):
     with pytest.raises(openai.BadRequestError):
         client.batches.create(input_file_id=file_id, endpoint="/v1/embeddings",
                               completion_window="24h")
+    for refused in ({"metadata": {f"key{i}": "x" for i in range(17)}},  # over 16 pairs
+                    {"metadata": {"count": 3}}, {"completion_window": "1x"}):
+        with pytest.raises(openai.BadRequestError):
+            client.batches.create(**{"input_file_id": file_id, "endpoint": CHAT,
+                                     "completion_window": "24h", **refused})
     _wait(client, batch.id)
     assert client.files.delete(file_id).deleted
     with pytest.raises(openai.NotFoundError):
         client.files.retrieve(file_id)
+    served = _SERVE_LOGS[api].read_text()
+    assert "/v1/batches" in served  # the log shows requests, and none of their keys
+    assert all(key not in served for key in (KEY, OTHER_KEY, "sk-wrong"))
 
 
 def test_an_upload_over_the_limit_is_refused(api, tmp_path):
@@ -290,6 +326,11 @@ def test_listing_batches_pages_newest_first(api, tmp_path):
     assert first.has_more and [b.id for b in first.data] == created[::-1][:2]
     every = [b.id for b in client.batches.list(limit=2)]  # the SDK follows the cursor
     assert every[:5] == created[::-1]
+    # A cursor that is no batch of this key's ends the listing, not restarts it.
+    for unknown in (client.batches.list(after=f"batch_{'0' * 32}"),
+                    client.batches.list(after="nonsense"),
+                    client.files.list(after=f"file-{'0' * 32}")):
+        assert (unknown.data, unknown.has_more) == ([], False)
 
 
 def _long_lines(count: int, short: int = 0) -> list[dict]:
@@ -429,3 +470,86 @@ def test_api_keys_from_a_file(tmp_path, monkeypatch):
     monkeypatch.setenv("BATCHINFER_API_KEYS", str(tmp_path / "missing"))
     with pytest.raises(UserError, match="cannot read the keys file"):
         ApiKeys.from_env()
+
+
+class _StubJob:
+    def __init__(self) -> None:
+        self.id, self.cancelled_by = "job-stub", None
+
+    def cancel(self, by: str) -> None:
+        self.cancelled_by = by
+
+
+class _StubClient:
+    """What create_batch and cancel_batch use of a Client: its store, submit and job;
+    submit runs during_submit first, as another request could while a batch validates."""
+
+    def __init__(self, store: Store, during_submit: Any = lambda: None) -> None:
+        self.store, self.made, self._during_submit = store, _StubJob(), during_submit
+
+    def submit(self, table: Any, **settings: Any) -> _StubJob:
+        self._during_submit()
+        return self.made
+
+    def job(self, job_id: str) -> _StubJob:
+        assert job_id == self.made.id
+        return self.made
+
+
+def _local_input(tmp_path: Path, monkeypatch, registry: Path) -> tuple[Store, dict]:
+    """A store in a folder holding one uploaded chat file, and BATCHINFER_MODELS."""
+    monkeypatch.setenv("BATCHINFER_MODELS", str(registry))
+    store = FileStore(tmp_path / "store")
+    input_file = {"id": objects.new_file_id()}
+    line = _line("a", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+    store.put_bytes(objects.content_key(input_file["id"]), json.dumps(line).encode())
+    return store, input_file
+
+
+def test_a_broken_registry_fails_the_batch_without_its_path(tmp_path, monkeypatch, caplog):
+    registry = tmp_path / "secret-folder" / "models.json"  # missing: cannot be read
+    store, input_file = _local_input(tmp_path, monkeypatch, registry)
+    with caplog.at_level(logging.ERROR, logger=batches.__name__):
+        record = batches.create_batch(_StubClient(store), "owner", input_file, CHAT, "24h",
+                                      None)
+    assert record["status"] == "failed"
+    [error] = record["errors"]["data"]
+    assert error["message"] == batches.REGISTRY_UNREADABLE
+    assert "secret-folder" not in json.dumps(record)
+    assert str(registry) in caplog.text  # the operator learns which file
+
+
+def test_a_batch_cancelled_while_validating_stays_cancelled(tmp_path, monkeypatch):
+    registry = tmp_path / "models.json"
+    registry.write_text(json.dumps({MODEL: "unused"}))
+    store, input_file = _local_input(tmp_path, monkeypatch, registry)
+    seen = []
+
+    def cancel_meanwhile() -> None:
+        [key] = store.list(f"{objects.PREFIX}batches/")
+        seen.append(batches.cancel_batch(client, get_json(store, key)))
+
+    client = _StubClient(store, cancel_meanwhile)
+    record = batches.create_batch(client, "owner", input_file, CHAT, "24h", None)
+    [cancelled] = seen
+    assert cancelled["status"] == "cancelling" and cancelled["cancelling_at"]
+    assert record["status"] == "cancelling"
+    assert client.made.cancelled_by == batches.CANCELLED_BY  # its job stopped at once
+    stored = get_json(store, objects.batch_key(record["id"]))
+    assert stored["_job_id"] == client.made.id
+    assert stored["cancelling_at"] == cancelled["cancelling_at"]
+
+
+def test_submit_takes_any_case_of_jsonl_as_batch_lines(monkeypatch):
+    submitted = []
+
+    class Submitter:
+        def submit_batch_file(self, path: str, **spec: Any) -> SimpleNamespace:
+            submitted.append(path)
+            return SimpleNamespace(id="job-stub")
+
+    monkeypatch.setattr(commands, "_client", Submitter)
+    args = argparse.Namespace(input="REQUESTS.JSONL", output=None, wait=False, json=False,
+                              told_store=True, **{o.name: None for o in spec_options()})
+    assert commands.cmd_submit(args) == commands.EXIT_OK
+    assert submitted == ["REQUESTS.JSONL"]

@@ -6,7 +6,7 @@ Statuses from the job's states:
 | job state                        | batch status                                   |
 |----------------------------------|------------------------------------------------|
 | (the input file is invalid)      | `failed`, with `errors`                        |
-| validating                       | `validating`                                   |
+| validating                       | `validating` (`cancelling` once cancelled)     |
 | queued, running                  | `in_progress` (`cancelling` once cancelled)    |
 | finalizing                       | `finalizing`                                   |
 | cancelling                       | `cancelling` (`finalizing` when it expired)    |
@@ -23,6 +23,8 @@ read them at once.
 from __future__ import annotations
 
 import hashlib
+import json
+import logging
 import re
 import tempfile
 from collections.abc import Iterable
@@ -34,8 +36,8 @@ from jobs.errors import UserError
 from jobs.manifest import TERMINAL_STATES, JobState, load_manifest, request_cancel
 from jobs.openai_requests import BatchFileInvalid, parse_batch_file
 from jobs.openai_responses import ResponseRenderer, unfinished_code, write_lines
-from jobs.settings import env_number
-from jobs.store import NotFound, Store, get_json
+from jobs.settings import env_number, mask_secrets
+from jobs.store import NotFound, Store, get_json, json_bytes
 from workers.api import objects
 from workers.client import Client
 
@@ -47,6 +49,12 @@ MAX_METADATA_PAIRS = 16
 STALE_VALIDATION_SECONDS = 3600
 # Where active batches are listed, so the server can expire those nobody looks at.
 ACTIVE_PREFIX = f"{objects.PREFIX}active/"
+CANCELLED_BY = "the OpenAI API (batches.cancel)"
+# What a client is told when the server's BATCHINFER_MODELS cannot be read: the detail
+# (the file's path) is the server's business, and goes to its log.
+REGISTRY_UNREADABLE = "the server's model registry could not be read; tell its operator"
+
+log = logging.getLogger(__name__)
 
 
 def api_shard_size() -> int:
@@ -96,42 +104,83 @@ def create_batch(client: Client, owner: str, input_file: dict[str, Any], endpoin
         requests = parse_batch_file(store.get_bytes(objects.content_key(input_file["id"])),
                                     endpoint)
         record["model"] = requests.model
-        if not models.is_registered(requests.model):
-            raise BatchFileInvalid([{"code": "model_not_found", "line": 1,
-                                     "param": "body.model",
-                                     "message": f"model {requests.model!r} is not one of "
-                                                f"this server's models (BATCHINFER_MODELS)"}])
+        if errors := _model_errors(requests.model):
+            raise BatchFileInvalid(errors)
         job = client.submit(requests.table, **requests.job_settings(),
                             shard_size=api_shard_size())
     except BatchFileInvalid as invalid:
-        return _fail(store, record, invalid.errors)
+        return _settle(store, _fail_fields(record, invalid.errors))
     except UserError as error:
-        return _fail(store, record, [{"code": "invalid_request", "message": str(error),
-                                      "param": None, "line": None}])
+        return _settle(store, _fail_fields(record, [{
+            "code": "invalid_request", "message": str(error), "param": None, "line": None}]))
     record.update(_job_id=job.id, status="in_progress", in_progress_at=objects.now(),
                   request_counts={"total": requests.table.num_rows, "completed": 0,
                                   "failed": 0})
-    objects.save(store, record)
+    record = _settle(store, record)
     store.put_bytes(ACTIVE_PREFIX + record["id"], b"")
+    if record["cancelling_at"]:  # cancelled while it was validating: its job stops at once
+        job.cancel(by=CANCELLED_BY)
+        record["status"] = "cancelling"
+    return record
+
+
+def _model_errors(model: str) -> list[dict[str, Any]]:
+    """Why model cannot run on this server: none when it is one of its models."""
+    try:
+        if models.is_registered(model):
+            return []
+    except UserError as error:  # the server's registry is broken, not the client's file
+        log.error("cannot check a batch's model: %s", mask_secrets(str(error)))
+        return [{"code": "model_registry_unavailable", "line": None, "param": None,
+                 "message": REGISTRY_UNREADABLE}]
+    return [{"code": "model_not_found", "line": 1, "param": "body.model",
+             "message": f"model {model!r} is not one of this server's models "
+                        f"(BATCHINFER_MODELS)"}]
+
+
+def _settle(store: Store, record: dict[str, Any]) -> dict[str, Any]:
+    """Save what validating a batch made of it, keeping a cancel that came in meanwhile
+    (cancel_batch stamps cancelling_at: the one field another request changes then)."""
+    def change(stored: bytes | None) -> bytes:
+        cancelled = json.loads(stored).get("cancelling_at") if stored else None
+        return json_bytes({**record, "cancelling_at": cancelled or record["cancelling_at"]})
+
+    return json.loads(store.update(objects.batch_key(record["id"]), change))
+
+
+def _fail_fields(record: dict[str, Any], errors: list[dict[str, Any]]) -> dict[str, Any]:
+    record.update(status="failed", failed_at=objects.now(),
+                  errors={"object": "list", "data": errors})
     return record
 
 
 def _fail(store: Store, record: dict[str, Any], errors: list[dict[str, Any]]) -> dict[str, Any]:
-    record.update(status="failed", failed_at=objects.now(),
-                  errors={"object": "list", "data": errors})
-    objects.save(store, record)
+    objects.save(store, _fail_fields(record, errors))
     return record
 
 
 def cancel_batch(client: Client, record: dict[str, Any]) -> dict[str, Any]:
-    """Stop a batch's job (requests already done stay); a batch that has ended is left."""
-    record = refresh(client.store, record)
+    """Stop a batch's job (requests already done stay); a batch that has ended is left.
+    A batch still validating has no job yet: it is marked, and create_batch, or this, if
+    the job appeared in between, cancels the job."""
+    store = client.store
+    record = refresh(store, record)
     if record["status"] in FINAL_STATUSES or record["status"] == "cancelling":
         return record
-    record["cancelling_at"] = objects.now()
-    objects.save(client.store, record)
-    client.job(record["_job_id"]).cancel(by="the OpenAI API (batches.cancel)")
-    return refresh(client.store, record)
+
+    def stamp(stored: bytes | None) -> bytes:
+        current = json.loads(stored) if stored else dict(record)
+        if current["status"] not in FINAL_STATUSES:  # not failed validation meanwhile
+            current["cancelling_at"] = current["cancelling_at"] or objects.now()
+            if current.get("_job_id") is None:
+                current["status"] = "cancelling"
+        return json_bytes(current)
+
+    record = json.loads(store.update(objects.batch_key(record["id"]), stamp))
+    if record["status"] in FINAL_STATUSES or record.get("_job_id") is None:
+        return record
+    client.job(record["_job_id"]).cancel(by=CANCELLED_BY)
+    return refresh(store, record)
 
 
 def refresh(store: Store, record: dict[str, Any]) -> dict[str, Any]:

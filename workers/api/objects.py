@@ -105,10 +105,13 @@ def page(store: Store, kind: str, owner: str, limit: int, after: str | None,
          keep: Callable[[dict[str, Any]], bool] = lambda record: True,
          ) -> tuple[list[dict[str, Any]], bool]:
     """Owner's records that keep accepts, newest first, at most limit after the one with
-    id after; and whether more follow."""
+    id after; and whether more follow. An after that is not one of owner's ids gives an
+    empty page: starting again from the newest would hand a client's loop duplicates."""
     prefix = _index_prefix(owner, kind)
     ids = [key.removeprefix(prefix).partition("-")[2] for key in store.list(prefix)]
-    start = ids.index(after) + 1 if after in ids else 0
+    if after is not None and after not in ids:
+        return [], False
+    start = ids.index(after) + 1 if after is not None else 0
     records = []
     for object_id in ids[start:]:
         if len(records) == limit:
