@@ -71,6 +71,8 @@ class LLM:
         self._build_pipeline(num_blocks)
         self._requests: dict[str, _Request] = {}
         self._undelivered: list[RequestOutput] = []  # finished outside step(): aborts
+        # The tokens each request had in the last step (engine/shared.py shares its time).
+        self.last_step_tokens: dict[str, int] = {}
         self._generate_ids = itertools.count()
         self._counters = dict.fromkeys(
             ("steps", "prompt_tokens", "generated_tokens", "scheduled_tokens", "scheduled_seqs",
@@ -160,6 +162,7 @@ class LLM:
     def step(self) -> list[RequestOutput]:
         """Run one engine step; return the requests that finished in it (and any aborted)."""
         finished, self._undelivered = self._undelivered, []
+        self.last_step_tokens = {}
         if not self.scheduler.has_unfinished():
             return finished
         batch = self.scheduler.schedule()
@@ -169,6 +172,8 @@ class LLM:
         for seq, num_new in zip(batch.seqs, batch.num_new_tokens, strict=True):
             seq.num_computed_tokens += num_new
             self.block_manager.register_full_blocks(seq)
+            self.last_step_tokens[seq.request_id] = (
+                self.last_step_tokens.get(seq.request_id, 0) + num_new)
         for seq, scored in output.prompt_logprobs.items():
             seq.prompt_logprobs.extend(scored)
         for seq, token_id in output.tokens.items():
@@ -198,6 +203,15 @@ class LLM:
             # Only the last sample's _finish returns the request's output.
             ended = [self._finish(seq, FinishReason.ABORTED) for seq in request.unfinished_samples()]
             self._undelivered.append(ended[-1])
+
+    def take_aborted(self, request_id: str) -> RequestOutput | None:
+        """The aborted request's output, now rather than with the next step() (which then
+        leaves it out); None if it is not waiting there. engine/shared.py hands it to the
+        request's own stream this way, so taking it back runs no one else's requests."""
+        for position, output in enumerate(self._undelivered):
+            if output.request_id == request_id:
+                return self._undelivered.pop(position)
+        return None
 
     def has_unfinished_requests(self) -> bool:
         return self.num_unfinished_requests() > 0

@@ -27,6 +27,7 @@ from datetime import UTC, date, datetime
 from typing import Any
 
 from jobs import keys
+from jobs.errors import UserError
 from jobs.manifest import (
     CANCEL_STATES,
     TERMINAL_STATES,
@@ -193,7 +194,14 @@ def finalize_job(store: Store, job_id: str) -> dict[str, Any]:
     manifest = load_manifest(store, job_id)
     cancelled = _cancelled(store, job_id, manifest)
     if manifest["state"] not in TERMINAL_STATES:
-        manifest = update_manifest(store, job_id, state=JobState.FINALIZING)
+        try:
+            manifest = update_manifest(store, job_id, state=JobState.FINALIZING)
+        except UserError:
+            # Another finalizer (a shard stopping beside this one, in this worker or
+            # another) ended the job since it was read: count again, in its final state.
+            manifest = load_manifest(store, job_id)
+            if manifest["state"] not in TERMINAL_STATES:
+                raise
     for _ in range(MAX_RECOUNTS):
         before = _signature(store, job_id)
         changes = _final_changes(store, job_id, manifest, cancelled)

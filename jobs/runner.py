@@ -9,6 +9,13 @@ that creates the progress object knows that no earlier run left an errors part t
 A retry round (attempt N >= 1, see jobs/retry.py) runs only the shard's rows that failed
 for a transient reason, into parts of their own (jobs/outcomes.py says how they count).
 Running out of device memory cuts the batch (jobs/oom_backoff.py).
+
+The engine is an LLM of the shard's own, or a SharedClient (engine/shared.py): one stream
+into an LLM that another shard, in another thread, feeds at the same time. The runner's
+calls are the same for both; the differences are busy time (a client's share of the
+engine's steps, not the wall time both shards overlap in) and that an OOM reaches every
+shard with requests in the failed step, each of which takes back only its own (a shard's
+one request in a step shared with others' is tried again before it counts as alone).
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from engine import LLM, RequestOutput, SamplingParams
+from engine.shared import SharedClient
 from jobs import keys, limits, settings
 from jobs.faults import is_out_of_memory
 from jobs.input_file import InputLayout, input_layout
@@ -57,6 +65,8 @@ IN_FLIGHT_PER_SEQ_SLOT = 2
 _RUN_NUMBERS = itertools.count()
 
 ProgressCallback = Callable[[int, int, float, float], None]
+# A shard's engine: its own, or its stream into one shared with other shards.
+Engine = LLM | SharedClient
 
 
 @dataclass
@@ -83,11 +93,11 @@ class ShardSummary:
         return {**asdict(self), "tokens": self.tokens}
 
 
-def run_shard(store: Store, job_id: str, shard_index: int, llm: LLM, *, attempt: int = 0,
+def run_shard(store: Store, job_id: str, shard_index: int, llm: Engine, *, attempt: int = 0,
               spec: JobSpec | None = None, worker: str = "",
               on_progress: ProgressCallback | None = None,
               should_cancel: Callable[[], bool] | None = None) -> ShardSummary:
-    """Run shard shard_index of job job_id through llm.
+    """Run shard shard_index of job job_id through llm (an LLM, or a SharedClient).
 
     attempt 0 runs the whole shard; attempt N >= 1 (retry round N) runs again only its rows
     that failed for a transient reason in earlier attempts. spec: the job's spec, where the
@@ -164,7 +174,7 @@ def _already_done(store: Store, job_id: str, shard_index: int, attempt: int) -> 
 class _ShardRun:
     """One shard's trip through the engine, then the writing of what came out."""
 
-    def __init__(self, store: Store, job_id: str, shard: Shard, attempt: int, llm: LLM,
+    def __init__(self, store: Store, job_id: str, shard: Shard, attempt: int, llm: Engine,
                  spec: JobSpec, layout: InputLayout, rows: pa.Table, row_numbers: pa.Array,
                  on_progress: ProgressCallback | None,
                  should_cancel: Callable[[], bool] | None) -> None:
@@ -176,6 +186,8 @@ class _ShardRun:
         self.errors: dict[int, tuple[str, str]] = {}  # position -> (reason, kind)
         self.tokens_done = 0
         self.backoff = OomBackoff(IN_FLIGHT_PER_SEQ_SLOT * llm.engine_config.max_num_seqs)
+        # Rows that ran out of memory as the shard's only request, beside another shard's.
+        self.spared_once: set[int] = set()
         self.max_chars = limits.max_prompt_chars()
         self.request_prefix = f"{job_id}-{shard.index:05d}-{attempt}-{next(_RUN_NUMBERS)}"
         # Set when generate() starts and ends.
@@ -183,6 +195,7 @@ class _ShardRun:
         self.started_at = self.finished_at = datetime.now(UTC)
         self.start = time.monotonic()
         self.busy_seconds = 0.0
+        self._client_busy_before = 0.0  # a SharedClient's busy_seconds when generate() started
         # Whether no earlier run of the shard wrote its progress object, and so none left an
         # errors part (each writes the one before the other); None until the first write.
         self.first_run: bool | None = None
@@ -201,6 +214,8 @@ class _ShardRun:
         self.stats_before = llm.stats()
         self.started_at = datetime.now(UTC)
         self.start = time.monotonic()
+        if isinstance(llm, SharedClient):
+            self._client_busy_before = llm.busy_seconds
         last_progress = last_cancel_check = self.start
         # Nothing is done yet: the store learns of the shard's progress when something is
         # (a shard shorter than PROGRESS_SECONDS writes it once, when it is done).
@@ -254,10 +269,17 @@ class _ShardRun:
             # Empty unless cancelled or failing: free the engine for the next shard.
             for request_id in in_flight:
                 llm.abort_request(request_id)
-        self.busy_seconds = time.monotonic() - self.start
+        self.busy_seconds = self._engine_seconds()
         self.finished_at = datetime.now(UTC)
         self._report_progress()
         return True
+
+    def _engine_seconds(self) -> float:
+        """The engine's time spent on this shard: with a shared engine, the shard's share of
+        its steps (the shards' wall times overlap, and would count the engine twice)."""
+        if isinstance(self.llm, SharedClient):
+            return self.llm.busy_seconds - self._client_busy_before
+        return time.monotonic() - self.start
 
     def _step(self) -> tuple[list[RequestOutput], str | None]:
         """One engine step: (finished outputs, None), or ([], why) if memory ran out."""
@@ -275,7 +297,7 @@ class _ShardRun:
         """After running out of memory: the requests to add again (at a lower cap), or, for
         one that ran out alone, an error row and none."""
         taken_back = self._take_back(in_flight, prepared)
-        if len(taken_back) > 1:
+        if len(taken_back) > 1 or self._spares_lone_row(taken_back[0][0]):
             cap = self.backoff.batch_ran_out(len(taken_back))
             log.warning("shard %s: %s; %d requests were in flight, now at most %d",
                         self.shard.index, reason, len(taken_back), cap)
@@ -285,6 +307,18 @@ class _ShardRun:
         self.backoff.row_ran_out_alone(reason)
         self.errors[position] = (f"{reason} (even alone)", ErrorKind.TRANSIENT)
         return []
+
+    def _spares_lone_row(self, position: int) -> bool:
+        """Whether the shard's one request in the failed step is tried again rather than
+        counted as running out alone: always while other shards had several requests in
+        the shared engine (they cut their batches), once where they had one."""
+        others = self.llm.others_in_failed_step if isinstance(self.llm, SharedClient) else 0
+        if others > 1:
+            return True
+        if others == 0 or position in self.spared_once:
+            return False
+        self.spared_once.add(position)
+        return True
 
     def _collect(self, position: int, output: RequestOutput) -> None:
         if output.finish_reason.completed:
@@ -303,7 +337,11 @@ class _ShardRun:
             self.llm.abort_request(request_id)
         positions = sorted(in_flight.values())
         in_flight.clear()
-        self.llm.step()  # hands back the aborted requests' outputs; runs nothing
+        if isinstance(self.llm, LLM):
+            self.llm.step()  # hands back the aborted requests' outputs; runs nothing
+        # A SharedClient's aborts are its own at once (its next step() hands them out and
+        # they are ignored, ids being fresh per try): a step here would run the other
+        # shards' requests too, and could run out of memory again.
         gc.collect()
         _release_device_memory(self.llm)
         return [(p, *prepared.pop(p)) for p in positions]
@@ -401,7 +439,7 @@ class _ShardRun:
                             oom_retries=self.backoff.retries)
 
 
-def _release_device_memory(llm: LLM) -> None:
+def _release_device_memory(llm: Engine) -> None:
     """Give the CUDA caching allocator's free blocks back after running out of memory."""
     import torch
 

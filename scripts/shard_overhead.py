@@ -143,7 +143,7 @@ def measure(args: argparse.Namespace, scratch: Path, store_url: str) -> dict:
     from jobs.store import open_store
     from jobs.submit import create_job
     from jobs.usage import job_usage_parts
-    from workers.engine_cache import get_engine
+    from workers.engine_cache import engine_client
     from workers.tasks import run_shard
 
     torch.set_num_threads(args.threads)
@@ -155,7 +155,8 @@ def measure(args: argparse.Namespace, scratch: Path, store_url: str) -> dict:
         model=model, id_column="id", max_tokens=args.max_tokens,
         shard_size=args.rows_per_shard))
     assert len(shards) == args.shards, (len(shards), args.shards)
-    get_engine(resolve_model(model))  # loaded once per worker process: not a shard's cost
+    with engine_client(resolve_model(model)):  # loaded once per worker process:
+        pass  # not a shard's cost
 
     counter = RequestCounter()
     counter.install()

@@ -27,7 +27,7 @@ class WorkerProcess:
             command = [sys.executable, "-m", "workers.cli", "worker", "--gpus", "none",
                        "--hostname", hostname, *extra_args]
         else:
-            command = celery_worker_argv("--hostname", hostname, *extra_args)
+            command = celery_worker_argv("--hostname", hostname, *extra_args, environ=env)
         with open(log_path, "ab") as log:
             self.proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT,
                                          start_new_session=True)

@@ -47,7 +47,8 @@ def create_app(broker_url: str | None = None) -> Celery:
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
         task_default_queue=DEFAULT_QUEUE,
-        # Redis: take a shard only when free, never one ahead of the running shard. A
+        # Redis: take a shard only when a pool thread is free (at most
+        # BATCHINFER_WORKER_SHARDS held, running, none waiting ahead of them). A
         # prefetched shard would wait behind a long one while other workers idle, and a
         # worker that loses its connection would strand it in Redis's unacked set.
         worker_disable_prefetch=broker.startswith(("redis://", "rediss://")),

@@ -155,7 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     worker = sub.add_parser(
         "worker", help="start GPU workers (one process per GPU) or a CPU worker",
-        description="Start one Celery worker per GPU (CUDA_VISIBLE_DEVICES pinned, solo pool), "
+        description="Start one Celery worker per GPU (CUDA_VISIBLE_DEVICES pinned; "
+                    "BATCHINFER_WORKER_SHARDS shards at once into one engine: default 2 on a "
+                    "GPU, 1 on a CPU), "
                     "or one CPU worker where there is no GPU. Arguments after the known ones go "
                     "to `celery worker` (e.g. --queues, --hostname, --loglevel).")
     worker.add_argument("--gpus", help="'all' (default), 'none', or indexes like 0,1")

@@ -1,8 +1,11 @@
-"""One loaded engine per worker process, reused across shards.
+"""One loaded engine per worker process, reused across shards and shared by the shards
+that run at once (BATCHINFER_WORKER_SHARDS, workers/launcher.py).
 
 It is loaded on first use inside the process that runs tasks, never in a parent before a
-fork (CUDA cannot be re-initialised in a forked child). A shard naming another model
-costs a reload, which is why fleets route models to queues.
+fork (CUDA cannot be re-initialised in a forked child). Each task gets its own stream into
+it, a SharedClient (engine/shared.py), from `engine_client`. A shard naming another model
+costs a reload, which is why fleets route models to queues; the reload waits until no
+shard uses the loaded engine, so no shard loses its engine halfway.
 """
 
 from __future__ import annotations
@@ -12,16 +15,29 @@ import gc
 import logging
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, get_args, get_type_hints
 
 from engine import LLM, EngineConfig
 from engine.fetch import local_model_dir
 from engine.quant.gptq import read_quant_config
+from engine.shared import SharedClient, SharedLLM
 
 log = logging.getLogger(__name__)
-_lock = threading.Lock()
-_loaded: tuple[str, LLM] | None = None
+
+
+@dataclass
+class _LoadedEngine:
+    model_path: str
+    shared: SharedLLM
+    users: int = 0  # tasks inside engine_client() with it
+
+
+# Guards _loaded; notified whenever an engine loses its last user (a switch may go ahead).
+_changed = threading.Condition()
+_loaded: _LoadedEngine | None = None
 
 
 # EngineConfig fields a worker does not take from its environment: the model comes with
@@ -84,16 +100,31 @@ def options_for(model_path: str) -> dict[str, Any]:
     return options
 
 
-def get_engine(model_path: str) -> LLM:
-    """The engine for model_path, loading it (and dropping any other) if needed."""
-    global _loaded
-    with _lock:
-        if _loaded is not None and _loaded[0] == model_path:
-            return _loaded[1]
-        _loaded = None
-        gc.collect()
-        model_dir = str(local_model_dir(model_path))  # s3:// and hub models: fetched once
-        llm = LLM(model=model_dir, **options_for(model_dir))
-        _loaded = (model_path, llm)
-        return llm
+@contextmanager
+def engine_client(model_path: str) -> Iterator[SharedClient]:
+    """A stream of this task's own into the engine for model_path, which is loaded (and any
+    other dropped) if needed: first waiting until no task uses the other one."""
+    loaded = _use(model_path)
+    try:
+        yield loaded.shared.client()
+    finally:
+        with _changed:
+            loaded.users -= 1
+            if not loaded.users:
+                _changed.notify_all()
 
+
+def _use(model_path: str) -> _LoadedEngine:
+    """The engine for model_path, with this task counted among its users."""
+    global _loaded
+    with _changed:
+        while _loaded is not None and _loaded.model_path != model_path and _loaded.users:
+            _changed.wait()
+        if _loaded is None or _loaded.model_path != model_path:
+            _loaded = None  # the old engine's memory is freed before the new one is loaded
+            gc.collect()
+            model_dir = str(local_model_dir(model_path))  # s3:// and hub models: fetched once
+            llm = LLM(model=model_dir, **options_for(model_dir))
+            _loaded = _LoadedEngine(model_path, SharedLLM(llm))
+        _loaded.users += 1
+        return _loaded

@@ -1,8 +1,14 @@
 """`batchinfer worker`: one Celery worker process per GPU, or one CPU worker.
 
-Each GPU gets its own process pinned with CUDA_VISIBLE_DEVICES, a solo pool (the engine
-batches internally; a second task on the same GPU would only compete for memory), and a
-hostname that names the GPU so Flower shows which card runs which shard.
+Each GPU gets its own process pinned with CUDA_VISIBLE_DEVICES and a hostname that names
+the GPU, so Flower shows which card runs which shard. A process holds one engine and runs
+BATCHINFER_WORKER_SHARDS shard deliveries at once, each in a thread of a Celery threads
+pool, all feeding that one engine (engine/shared.py): while one shard's last long rows
+run, the next shard's rows fill the batch instead of the device idling. More engines per
+GPU would only compete for its memory. The default is 2 on a GPU, where a step's time is
+in kernels that release the GIL, and 1 on a CPU: there (stories260K, 2 cores) a step is
+mostly Python, and a second shard's reading and writing competed with the stepping thread
+for the GIL: two at once measured no faster than one (scripts/service_bench.py).
 """
 
 from __future__ import annotations
@@ -15,6 +21,10 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Mapping
+
+from jobs.errors import UserError
+from jobs.settings import env_number
 
 log = logging.getLogger(__name__)
 
@@ -41,11 +51,27 @@ def parse_gpus(spec: str | None) -> list[str]:
     return gpus
 
 
-def celery_worker_argv(*extra: str) -> list[str]:
-    """The command line of one worker process: a solo pool (the engine batches inside one
-    task), then extra (hostname, queues, any `celery worker` option)."""
-    return [sys.executable, "-m", "celery", "-A", "workers.app", "worker", "--pool", "solo",
-            "--concurrency", "1", "--loglevel", "INFO", *extra]
+DEFAULT_WORKER_SHARDS = {"gpu": 2, "cpu": 1}  # why: the module docstring
+
+
+def worker_shards(environ: Mapping[str, str] = os.environ, gpu: bool = False) -> int:
+    """BATCHINFER_WORKER_SHARDS: the shards one worker process runs at once (default 2 on
+    a GPU, 1 on a CPU)."""
+    value = env_number("BATCHINFER_WORKER_SHARDS", DEFAULT_WORKER_SHARDS["gpu" if gpu else "cpu"],
+                       environ, positive=True)
+    if value != int(value):
+        raise UserError(f"BATCHINFER_WORKER_SHARDS must be a whole number, got {value}")
+    return int(value)
+
+
+def celery_worker_argv(*extra: str, environ: Mapping[str, str] = os.environ,
+                       gpu: bool = False) -> list[str]:
+    """The command line of one worker process: a threads pool of worker_shards(environ, gpu)
+    threads (shards that run at once, into the process's one engine: the second delivery
+    fills the batch while the first's tail runs), then extra (hostname, queues, any
+    `celery worker` option). environ: the environment the worker will run in."""
+    return [sys.executable, "-m", "celery", "-A", "workers.app", "worker", "--pool", "threads",
+            "--concurrency", str(worker_shards(environ, gpu)), "--loglevel", "INFO", *extra]
 
 
 def worker_commands(gpus: list[str], celery_args: list[str]) -> list[tuple[dict, list[str]]]:
@@ -58,7 +84,8 @@ def worker_commands(gpus: list[str], celery_args: list[str]) -> list[tuple[dict,
     commands = []
     for gpu in gpus:
         name = [] if has_hostname and len(gpus) == 1 else ["--hostname", f"gpu{gpu}@{host}"]
-        commands.append(({"CUDA_VISIBLE_DEVICES": gpu}, celery_worker_argv(*name, *celery_args)))
+        commands.append(({"CUDA_VISIBLE_DEVICES": gpu},
+                         celery_worker_argv(*name, *celery_args, gpu=True)))
     return commands
 
 

@@ -6,6 +6,12 @@ shard re-queued after its worker died (see workers/leases.py) would never count 
 would hang until the broker's visibility timeout redelivered the original message. The
 shard that finalizes a job from the inbox also delivers it to the outbox (jobs/inbox.py).
 
+Tasks run in the threads of a Celery threads pool (BATCHINFER_WORKER_SHARDS of them,
+workers/launcher.py), each shard with a stream of its own into the process's one engine
+(workers/engine_cache.py). What a task keeps is its own: task.request is thread-local in
+Celery, and the progress reporter, the lease (with its renewal thread) and the runner's
+state are made per task.
+
 Logs never carry secrets: failure reasons and tracebacks go through mask_secrets.
 """
 
@@ -27,7 +33,7 @@ from jobs.settings import env_number, mask_secrets
 from jobs.spec import load_spec
 from jobs.store import Store, open_store
 from workers.app import DEFAULT_QUEUE, app
-from workers.engine_cache import get_engine
+from workers.engine_cache import engine_client
 from workers.leases import ShardLeases, supports_leases
 
 log = logging.getLogger(__name__)
@@ -156,15 +162,15 @@ def _run(task: Task, store: Store, job_id: str, shard_index: int, shards_total: 
     the shard failed before reading it)."""
     def run() -> tuple[runner.ShardSummary, dict]:
         spec = load_spec(store, job_id)
-        llm = get_engine(models.resolve_model(spec.model))
-        job = manifest.mark_running(store, job_id)
-        # The cancel was asked just before; the runner asks again as rows run.
-        return runner.run_shard(
-            store, job_id, shard_index, llm, attempt=attempt, spec=spec,
-            worker=task.request.hostname or "",
-            on_progress=_progress_reporter(task, job_id, shard_index, shards_total),
-            should_cancel=lambda: manifest.cancel_requested(store, job_id),
-        ), job
+        with engine_client(models.resolve_model(spec.model)) as llm:
+            job = manifest.mark_running(store, job_id)
+            # The cancel was asked just before; the runner asks again as rows run.
+            return runner.run_shard(
+                store, job_id, shard_index, llm, attempt=attempt, spec=spec,
+                worker=task.request.hostname or "",
+                on_progress=_progress_reporter(task, job_id, shard_index, shards_total),
+                should_cancel=lambda: manifest.cancel_requested(store, job_id),
+            ), job
 
     try:
         return _patiently(where, run)

@@ -7,7 +7,9 @@ import dataclasses
 import pytest
 
 from engine import LLM, EngineConfig
+from jobs.errors import UserError
 from workers.engine_cache import engine_options, options_for
+from workers.launcher import celery_worker_argv, worker_shards
 
 
 def test_engine_options_from_the_environment(monkeypatch):
@@ -52,3 +54,19 @@ def test_load_time_quantization_is_for_float_checkpoints(monkeypatch, gptq_int4_
     monkeypatch.setenv("BATCHINFER_QUANTIZATION", "gptq-int8")
     with pytest.raises(ValueError, match="does not match the checkpoint"):
         LLM(str(gptq_int4_model), **options_for(str(gptq_int4_model)))
+
+
+def test_shards_a_worker_runs_at_once():
+    """BATCHINFER_WORKER_SHARDS threads of a threads pool (default 2 on a GPU, 1 on a CPU)."""
+    def pool(environ: dict, gpu: bool = False) -> list[str]:
+        argv = celery_worker_argv("--queues", "q", environ=environ, gpu=gpu)
+        assert argv[-2:] == ["--queues", "q"]
+        return argv[argv.index("--pool") + 1:argv.index("--concurrency") + 2]
+
+    assert pool({}) == ["threads", "--concurrency", "1"]
+    assert pool({}, gpu=True) == ["threads", "--concurrency", "2"]
+    assert pool({"BATCHINFER_WORKER_SHARDS": "1"}, gpu=True) == ["threads", "--concurrency", "1"]
+    assert pool({"BATCHINFER_WORKER_SHARDS": "3"}) == ["threads", "--concurrency", "3"]
+    for bad in ("0", "1.5", "two"):
+        with pytest.raises(UserError, match="BATCHINFER_WORKER_SHARDS"):
+            worker_shards({"BATCHINFER_WORKER_SHARDS": bad})

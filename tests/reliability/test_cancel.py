@@ -106,7 +106,8 @@ def test_cancel_mid_job(tmp_path, redis_server, s3_store_url, tiny_llama, queue)
 def test_one_retry_after_a_cancel_finishes_the_job(tmp_path, redis_server, s3_store_url,
                                                    tiny_llama, queue):
     """The worker's next shard after the cancel is the rerun of the cancelled one, on the
-    same engine, whose next step hands back the cancelled run's aborted requests."""
+    same engine, where the cancelled run's requests were aborted. One shard at a time
+    (BATCHINFER_WORKER_SHARDS=1), so that shard 2 starts only after the cancel."""
     max_num_seqs = 256
     # The whole shard is in flight at once, so every row still running at the cancel is
     # one the rerun also has in flight at its first step.
@@ -119,7 +120,8 @@ def test_one_retry_after_a_cancel_finishes_the_job(tmp_path, redis_server, s3_st
     path = write_input(tmp_path, table, row_group_size=shard_size)
     client = Client(store_url=s3_store_url, broker_url=redis_server.url)
     broker = redis.Redis.from_url(redis_server.url)
-    env = worker_env(redis_server.url, s3_store_url, BATCHINFER_MAX_NUM_SEQS=str(max_num_seqs))
+    env = worker_env(redis_server.url, s3_store_url, BATCHINFER_MAX_NUM_SEQS=str(max_num_seqs),
+                     BATCHINFER_WORKER_SHARDS="1")
     with running_workers(1, env, tmp_path, ["--queues", queue]) as [worker]:
         job = client.submit(path, model=str(tiny_llama), shard_size=shard_size,
                             id_column="id", queue=queue)

@@ -152,3 +152,43 @@ def test_out_of_memory_then_retry(tmp_path, redis_server, s3_store_url, wide_mod
     assert len(usage) == 2  # the first run and the retry: both were work, both are billed
     assert_exactly_once(client, three_long.id, {f"b{i:03d}" for i in range(3)})
     assert_exactly_once(client, missing.id, {"c000", "c001"})
+
+
+@pytest.mark.slow
+def test_out_of_memory_with_two_shards_in_one_engine(tmp_path, redis_server, s3_store_url,
+                                                     wide_model, queue):
+    """Two shards at once in one worker's engine (BATCHINFER_WORKER_SHARDS=2): a step that
+    runs out of memory fails for the shards with requests in it, each takes back and cuts
+    its own batch, and every row of both is written once, as the engine gives it."""
+    client = Client(store_url=s3_store_url, broker_url=redis_server.url)
+    env = worker_env(redis_server.url, s3_store_url, BATCHINFER_WORKER_SHARDS="2",
+                     MALLOC_ARENA_MAX="2", MALLOC_MMAP_THRESHOLD_="131072",
+                     MALLOC_TRIM_THRESHOLD_="131072")
+
+    def submit(rows: list[str], name: str, shard_size: int):
+        table = pa.table({"id": [f"{name}{i:03d}" for i in range(len(rows))], "prompt": rows})
+        path = write_input(tmp_path, table, f"{name}.parquet", row_group_size=shard_size)
+        return client.submit(path, model=str(wide_model), max_tokens=4, id_column="id",
+                             queue=queue, shard_size=shard_size), table
+
+    with running_workers(1, env, tmp_path, ["--queues", queue]) as [worker]:
+        # Two shards at once, so that both pool threads (their stacks) exist before the limit.
+        warm, _ = submit([short_prompt(i) for i in range(4)], "warm", 2)
+        assert warm.wait(timeout=JOB_TIMEOUT)["state"] == "completed"
+        limit = vm_size(worker.pid) + HEADROOM_BYTES
+        resource.prlimit(worker.pid, resource.RLIMIT_AS, (limit, resource.RLIM_INFINITY))
+        job, table = submit([short_prompt(i) for i in range(160)], "d", 80)
+        status = job.wait(timeout=JOB_TIMEOUT)
+        assert status["state"] == "completed", status
+        assert status["counts"]["succeeded_rows"] == 160, status
+        log = worker.log_path.read_text()
+    for shard in (0, 1):  # each cut its own batch
+        assert f"shard {shard}: out of memory" in log, log[-3000:]
+    results = assert_exactly_once(client, job.id, set(table.column("id").to_pylist()))
+    direct = LLM(model=str(wide_model), dtype="float32", device="cpu", kv_cache_memory="64MiB")
+    sample = [0, 79, 80, 159]
+    outputs = direct.generate([table.column("prompt")[i].as_py() for i in sample],
+                              SamplingParams(max_tokens=4, temperature=0.0))
+    by_id = {r["id"]: r for r in results.to_pylist()}
+    for i, output in zip(sample, outputs, strict=True):
+        assert by_id[f"d{i:03d}"]["output"] == output.text, i
