@@ -28,7 +28,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from typing import Any, BinaryIO
 
 import pyarrow as pa
@@ -39,6 +39,7 @@ from engine.shared import SharedClient
 from jobs import keys, limits, settings
 from jobs.faults import is_out_of_memory
 from jobs.input_file import InputLayout, input_layout
+from jobs.manifest import load_manifest
 from jobs.oom_backoff import OomBackoff
 from jobs.outcomes import ErrorKind, list_outcomes, transient_ids
 from jobs.planner import Shard, plan_shards
@@ -383,6 +384,11 @@ class _ShardRun:
         if self.first_run is None:
             self.first_run = created
 
+    def _created_day(self) -> date:
+        """The day the job was created: the first an earlier run of the shard may have
+        finished on (read only for a rerun)."""
+        return date.fromisoformat(load_manifest(self.store, self.job_id)["created_at"][:10])
+
     def _take(self, column: str, positions: list[int]) -> pa.ChunkedArray:
         # Typed indices: an empty Python list would be a null-typed array `take` refuses.
         return self.rows[column].take(pa.array(positions, pa.int64()))
@@ -423,7 +429,7 @@ class _ShardRun:
             busy_seconds=self.busy_seconds,
             batch=BatchFigures.between(self.stats_before, stats),
             hourly_usd=settings.gpu_hourly_usd(), weight_bytes=stats.get("weight_bytes")),
-            attempt=attempt)
+            attempt=attempt, earlier_runs_since=None if self.first_run else self._created_day())
 
         passthrough = {name: self._take(name, positions)
                        for name in self.layout.passthrough_columns}

@@ -3,7 +3,9 @@ per retry of a shard's rows (round R), in ...-NNNNN-rRRR.parquet: a retry is wor
 
 Conventions used here and in the manifest's usage totals:
 - tokens = prompt_tokens + completion_tokens (cached prompt tokens are part of prompt_tokens);
-- busy_seconds: the wall time the shard held the engine;
+- busy_seconds: the wall time the shard held the engine; where shards share one engine
+  (a worker running two at once), the shard's share of its steps, by tokens, so the
+  shards' records add up to the engine's time, not twice it;
 - tokens_per_second = tokens / busy_seconds;
 - cost_usd = busy_seconds / 3600 x the worker's hourly price (BATCHINFER_GPU_HOURLY_USD);
 - cost_per_million_tokens = cost_usd / tokens x 1e6;
@@ -24,7 +26,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from jobs import keys
+from jobs import keys, rollup
 from jobs.store import Store
 from jobs.tables import put_table, read_table
 
@@ -112,12 +114,28 @@ def make_usage_record(*, job_id: str, shard: int, model: str, quantization: str 
     )
 
 
-def write_usage(store: Store, record: UsageRecord, attempt: int = 0) -> str:
+def write_usage(store: Store, record: UsageRecord, attempt: int = 0,
+                earlier_runs_since: date | None = None) -> str:
     """Write record to its dated key (replacing an earlier try's of the same day); attempt:
-    the retry round that ran the shard's rows again (0: its first run)."""
-    key = keys.usage_key(record.finished_at.date(), record.job_id, record.shard, attempt)
+    the retry round that ran the shard's rows again (0: its first run).
+
+    earlier_runs_since: the first day an earlier run of the same shard (one that died after
+    writing its record) may have finished on; None where no earlier run wrote one. Its
+    record on an earlier day is removed, as a same-day one is replaced, so that the shard
+    has one record; a daily rollup that counted the removed one is made again.
+    """
+    day = record.finished_at.date()
+    key = keys.usage_key(day, record.job_id, record.shard, attempt)
     row = dataclasses.asdict(record)
     put_table(store, key, pa.Table.from_pylist([row], schema=USAGE_SCHEMA))
+    earlier = earlier_runs_since
+    while earlier is not None and earlier < day:
+        earlier_key = keys.usage_key(earlier, record.job_id, record.shard, attempt)
+        if store.exists(earlier_key):
+            store.delete(earlier_key)
+            if store.exists(rollup.summary_key(earlier)):
+                rollup.rollup_usage(store, earlier)
+        earlier += timedelta(days=1)
     return key
 
 

@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from jobs import keys, manifest
+from jobs import keys, manifest, rollup
 from jobs.errors import UserError
 from jobs.finalize import (
     finalize_after_shard,
@@ -26,7 +26,7 @@ from jobs.retry import start_retry
 from jobs.spec import JobSpec
 from jobs.store import open_store
 from jobs.submit import create_job
-from jobs.tables import put_table
+from jobs.tables import put_table, read_table
 from jobs.usage import (
     BatchFigures,
     UsageRecord,
@@ -118,6 +118,27 @@ def test_usage_is_filed_by_day_and_a_later_retry_wins(store):
     records = usage_records(store, job_id, yesterday.date(), NOW.date())
     assert [(r.shard, r.completion_tokens) for r in records] == [(0, 2), (1, 3)]
     assert usage_records(store, job_id, NOW.date(), NOW.date())[0].completion_tokens == 2
+
+
+def test_a_rerun_on_a_later_day_replaces_the_earlier_days_record(store):
+    """A shard whose first run died after writing usage, run again two days later: one
+    record is left, the later, and the earlier day's rollup, made before, no longer counts
+    it, so the days' summaries together count the shard once."""
+    job_id = keys.new_job_id()
+    first_day = NOW - timedelta(days=2)
+    write_usage(store, record(job_id, 0, finished=first_day, completion=1))
+    write_usage(store, record(job_id, 1, finished=first_day, completion=3))
+    rollup.rollup_usage(store, first_day.date())
+    write_usage(store, record(job_id, 0, finished=NOW, completion=2),
+                earlier_runs_since=first_day.date())
+    rollup.rollup_usage(store, NOW.date())
+    records = usage_records(store, job_id, first_day.date(), NOW.date())
+    assert [(r.shard, r.completion_tokens, r.finished_at) for r in records] == [
+        (0, 2, NOW), (1, 3, first_day)]
+    summaries = [read_table(store, rollup.summary_key(day)).to_pylist()
+                 for day in (first_day.date(), NOW.date())]
+    assert [(row["shards"], row["completion_tokens"]) for rows in summaries
+            for row in rows] == [(1, 3), (1, 2)]
 
 
 def test_finalize_counts_rows_and_sums_usage(store):

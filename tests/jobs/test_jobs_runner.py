@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
+
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
 from engine import LLM, SamplingParams
-from jobs import keys, runner
+from jobs import keys, manifest, runner
 from jobs.finalize import finalize_job
 from jobs.planner import Shard
 from jobs.progress import write_progress
@@ -192,6 +194,24 @@ def test_a_rerun_after_a_crash_replaces_the_dead_attempts_files(file_store_url, 
     assert (summary.succeeded, summary.failed) == (6, 0)
     assert not store.exists(keys.error_key(job_id, 0))
     assert finalize_job(store, job_id)["counts"]["failed_rows"] == 0
+
+
+def test_a_rerun_on_a_later_day_leaves_one_usage_record(file_store_url, tmp_path, llm):
+    """The dead run of a job created two days ago wrote its usage record that day; the
+    rerun's record (today) replaces it: the daily rollups count the shard once."""
+    store = open_store(file_store_url)
+    table = pa.table({"prompt": [prompt(i) for i in range(6)]})
+    job_id, _ = submit(store, tmp_path, table, row_group_size=6, max_tokens=3)
+    today = datetime.now(UTC)
+    created = today - timedelta(days=2)
+    manifest.update_manifest(store, job_id, created_at=created.isoformat())
+    write_progress(store, job_id, 0, done=6, total=6, tokens=30, tokens_per_second=1.0,
+                   occupancy=0.5)
+    dead_run = keys.usage_key(created.date(), job_id, 0)
+    put_table(store, dead_run, pa.Table.from_pylist([], schema=USAGE_SCHEMA))
+    runner.run_shard(store, job_id, 0, llm)
+    assert not store.exists(dead_run)
+    assert store.exists(keys.usage_key(today.date(), job_id, 0))
 
 
 def test_row_index_ids_when_no_id_column(file_store_url, tmp_path, llm):
