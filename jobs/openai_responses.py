@@ -76,6 +76,10 @@ class ResponseRenderer:
         self.chat = self.spec.messages_column is not None
         stamp = manifest.get("finished_at") or manifest["created_at"]
         self.created = int(datetime.fromisoformat(stamp).timestamp())
+        # The requests output_lines has rendered: what error_lines leaves out as done,
+        # rather than reading the results again (a shard landing in between would be
+        # in neither file).
+        self.rendered: set[Any] | None = None
 
     def _ids(self, custom_id: str) -> tuple[str, str]:
         digest = hashlib.sha256(f"{self.job_id}\0{custom_id}".encode()).hexdigest()
@@ -98,12 +102,14 @@ class ResponseRenderer:
     def output_lines(self) -> Iterator[bytes]:
         """A line per request with results, in input order."""
         ids, per_row = self._read_input("logprobs")
+        self.rendered = set()
         # How many alternatives each request asked for (the rows' own, else the job's).
         asked = (dict(zip(ids, per_row, strict=True)) if per_row is not None else {})
         for table in results.shard_tables(self.store, self.job_id):
             id_column = table.column_names[0]
             rows = table.to_pylist()
             for row_id, samples in groupby(rows, key=lambda row: row[id_column]):
+                self.rendered.add(row_id)
                 top = asked.get(row_id)
                 yield _line(self._output(str(row_id), list(samples),
                                          self.spec.logprobs if top is None else top))
@@ -147,7 +153,8 @@ class ResponseRenderer:
     def error_lines(self, unfinished: str | None = None) -> Iterator[bytes]:
         """A line per failed request, in input order; unfinished (a key of
         UNFINISHED_MESSAGES): also one per request that has neither results nor an error,
-        with that code."""
+        with that code. Results: those output_lines rendered, where it ran first (one
+        reading of them for both files), else those in the store now."""
         errors = results.errors_table(self.store, self.job_id)
         failed = dict(zip(errors.column(0).to_pylist(),
                           zip(errors.column(ERROR_COLUMN).to_pylist(),
@@ -157,8 +164,9 @@ class ResponseRenderer:
             order = errors.column(0).to_pylist()
         else:
             order, _ = self._read_input(None)
-            done = {row_id for table in results.shard_tables(self.store, self.job_id)
-                    for row_id in table.column(0).to_pylist()}
+            done = self.rendered if self.rendered is not None else {
+                row_id for table in results.shard_tables(self.store, self.job_id)
+                for row_id in table.column(0).to_pylist()}
             order = [row_id for row_id in order if row_id not in done]
         for row_id in order:
             if row_id in failed:

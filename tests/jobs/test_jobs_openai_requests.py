@@ -1,18 +1,25 @@
-"""OpenAI Batch input files read as a job's input: what fails the file, what fails a line."""
+"""OpenAI Batch input files read as a job's input: what fails the file, what fails a line;
+and the two files a batch's end renders."""
 
 from __future__ import annotations
 
 import json
 
+import pyarrow.parquet as pq
 import pytest
 
+from engine import LLM
+from jobs import runner
 from jobs.openai_requests import (
     CHAT_ENDPOINT,
     COMPLETIONS_ENDPOINT,
     BatchFileInvalid,
     parse_batch_file,
 )
+from jobs.openai_responses import ResponseRenderer
 from jobs.spec import INPUT_ERROR_COLUMN, JobSpec, sampling_params
+from jobs.store import open_store
+from jobs.submit import create_job
 
 
 def _line(custom_id: str = "a", url: str = CHAT_ENDPOINT, **body) -> dict:
@@ -118,3 +125,27 @@ def test_completion_lines():
     assert "one prompt per request line" in b[INPUT_ERROR_COLUMN]
     assert c[INPUT_ERROR_COLUMN] == "body.prompt is required"
     assert JobSpec(**requests.job_settings()).prompt_column == "prompt"
+
+
+def test_a_shard_landing_between_the_two_files_is_in_one_of_them(tmp_path, file_store_url,
+                                                                   tiny_llama):
+    """A cancelled (expired) batch's files: a shard whose results land after the output
+    file was rendered goes to the error file as unfinished, not into neither file."""
+    store = open_store(file_store_url)
+    requests = parse_batch_file(_file(*(_line(f"r{i}", url=COMPLETIONS_ENDPOINT,
+                                              prompt=f"story {i}", max_tokens=2)
+                                        for i in range(6))), COMPLETIONS_ENDPOINT)
+    path = tmp_path / "in.parquet"
+    pq.write_table(requests.table, path, row_group_size=3)
+    job_id, shards = create_job(store, path, JobSpec(
+        **{**requests.job_settings(), "model": str(tiny_llama), "shard_size": 3}))
+    assert len(shards) == 2
+    llm = LLM(model=str(tiny_llama), dtype="float32", device="cpu", kv_cache_memory="16MiB")
+    runner.run_shard(store, job_id, 0, llm)
+    renderer = ResponseRenderer(store, job_id)
+    outputs = [json.loads(line)["custom_id"] for line in renderer.output_lines()]
+    runner.run_shard(store, job_id, 1, llm)  # lands after the output file was rendered
+    errors = [json.loads(line) for line in renderer.error_lines("batch_expired")]
+    assert outputs == ["r0", "r1", "r2"]
+    assert [line["custom_id"] for line in errors] == ["r3", "r4", "r5"]
+    assert all(line["error"]["code"] == "batch_expired" for line in errors)
