@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import Counter
 from typing import Any
 
 import torch
@@ -45,12 +46,11 @@ class SharedLLM:
         try:
             finished = self.llm.step()
         except Exception as failure:
-            owners = set(self._owners.values())
-            for owner in owners:
-                mine = sum(o is owner for o in self._owners.values())
+            requests_of = Counter(self._owners.values())
+            for owner, mine in requests_of.items():
                 owner.others_in_failed_step = len(self._owners) - mine
-            for owner in owners - {caller}:
-                owner._failure = failure
+                if owner is not caller:
+                    owner._failure = failure
             raise
         seconds = time.monotonic() - start
         tokens = self.llm.last_step_tokens

@@ -16,6 +16,7 @@ from typing import Any
 from jobs import manifest
 from jobs.delete import delete_job_objects
 from jobs.errors import UserError
+from jobs.settings import env_whole_number
 from jobs.store import Store
 
 log = logging.getLogger(__name__)
@@ -25,11 +26,7 @@ DEFAULT_RETENTION_DAYS = 30
 
 def retention_days_from_env(environ: Mapping[str, str]) -> int:
     """BATCHINFER_RETENTION_DAYS (default DEFAULT_RETENTION_DAYS)."""
-    raw = environ.get("BATCHINFER_RETENTION_DAYS") or str(DEFAULT_RETENTION_DAYS)
-    try:
-        return int(raw)
-    except ValueError:
-        raise UserError(f"BATCHINFER_RETENTION_DAYS must be a whole number, got {raw!r}") from None
+    return env_whole_number("BATCHINFER_RETENTION_DAYS", DEFAULT_RETENTION_DAYS, environ)
 
 
 def expire_jobs(store: Store, retention_days: int, now: datetime | None = None) -> list[str]:

@@ -13,9 +13,8 @@ read when used, so the submitting machine and the workers apply their own settin
 
 from __future__ import annotations
 
-import os
-
 from jobs.errors import UserError
+from jobs.settings import env_whole_number
 
 GIB = 1024**3
 DEFAULTS = {
@@ -27,16 +26,7 @@ DEFAULTS = {
 
 
 def _positive_int(variable: str) -> int:
-    raw = os.environ.get(variable, "").strip()
-    if not raw:
-        return DEFAULTS[variable]
-    try:
-        value = int(raw.replace("_", ""))
-    except ValueError:
-        raise UserError(f"{variable} must be a whole number, got {raw!r}") from None
-    if value < 1:
-        raise UserError(f"{variable} must be at least 1, got {value}")
-    return value
+    return env_whole_number(variable, DEFAULTS[variable], minimum=1)
 
 
 def max_input_bytes() -> int:

@@ -55,6 +55,23 @@ def env_number(variable: str, default: float, environ: Mapping[str, str] = os.en
     return value
 
 
+def env_whole_number(variable: str, default: int, environ: Mapping[str, str] = os.environ,
+                     minimum: int | None = None) -> int:
+    """A whole-number setting (1_000 reads as 1000): unset or empty gives default; anything
+    else must parse (and be at least minimum, where given), or it is a one-line
+    configuration error."""
+    raw = environ.get(variable, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw.replace("_", ""))
+    except ValueError:
+        raise UserError(f"{variable} must be a whole number, got {raw!r}") from None
+    if minimum is not None and value < minimum:
+        raise UserError(f"{variable} must be at least {minimum}, got {value}")
+    return value
+
+
 def gpu_hourly_usd() -> float:
     """The worker's hourly price, for cost records (default 0)."""
     return env_number("BATCHINFER_GPU_HOURLY_USD", 0.0)

@@ -144,8 +144,9 @@ def job_usage_parts(store: Store, job_id: str, first_day: date,
     """The job's usage records dated first_day..last_day by (shard, attempt): one per
     shard and per retry of its rows.
 
-    A shard re-run on a later day (its first attempt died after writing usage) leaves two
-    records; the later one is kept.
+    A shard re-run on a later day (its first attempt died after writing usage) replaces the
+    earlier day's record (write_usage); where both are found (written before it did), the
+    later one is kept.
     """
     latest: dict[tuple[int, int], UsageRecord] = {}
     day = first_day

@@ -23,8 +23,7 @@ import threading
 import time
 from collections.abc import Mapping
 
-from jobs.errors import UserError
-from jobs.settings import env_number
+from jobs.settings import env_whole_number
 
 log = logging.getLogger(__name__)
 
@@ -57,11 +56,8 @@ DEFAULT_WORKER_SHARDS = {"gpu": 2, "cpu": 1}  # why: the module docstring
 def worker_shards(environ: Mapping[str, str] = os.environ, gpu: bool = False) -> int:
     """BATCHINFER_WORKER_SHARDS: the shards one worker process runs at once (default 2 on
     a GPU, 1 on a CPU)."""
-    value = env_number("BATCHINFER_WORKER_SHARDS", DEFAULT_WORKER_SHARDS["gpu" if gpu else "cpu"],
-                       environ, positive=True)
-    if value != int(value):
-        raise UserError(f"BATCHINFER_WORKER_SHARDS must be a whole number, got {value}")
-    return int(value)
+    return env_whole_number("BATCHINFER_WORKER_SHARDS",
+                            DEFAULT_WORKER_SHARDS["gpu" if gpu else "cpu"], environ, minimum=1)
 
 
 def celery_worker_argv(*extra: str, environ: Mapping[str, str] = os.environ,
