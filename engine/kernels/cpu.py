@@ -1,35 +1,21 @@
-"""The CPU decode kernel (paged_decode.c), compiled on first use with the machine's C compiler.
+"""The CPU decode kernel (paged_decode.c), built on first use by engine/kernels/build.py.
 
-The C source includes no Python or torch headers, so one `cc` call builds a shared library,
-quick enough for a first use, loaded with ctypes (which releases the GIL while a kernel runs). The
-library is cached under BATCHINFER_KERNEL_CACHE (default ~/.cache/batchinfer/kernels),
-keyed by the source, the compiler and the CPU's feature flags (it is built with
--march=native). Where no compiler works, `supported` is False and attention uses its
-portable PyTorch path: slower on CPUs, same results.
+Where no compiler works, `supported` is False and attention uses its portable PyTorch
+path: slower on CPUs, same results.
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
-import logging
-import os
-import shutil
-import subprocess
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from engine.device import cpu_flags
-from engine.paths import user_cache_dir
-
-log = logging.getLogger(__name__)
+from engine.kernels import build
 
 _SOURCE = Path(__file__).with_name("paged_decode.c")
-_FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fPIC", "-shared", "-pthread"]
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
@@ -42,39 +28,10 @@ class _Kernel:
     dtypes: frozenset[torch.dtype]
 
 
-def _compile(compiler: str) -> Path:
-    version = subprocess.run(
-        [compiler, "--version"], capture_output=True, text=True, check=True
-    ).stdout
-    parts = [_SOURCE.read_text(), version, " ".join(_FLAGS), " ".join(sorted(cpu_flags()))]
-    key = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
-    target = user_cache_dir("BATCHINFER_KERNEL_CACHE", "kernels") / f"paged_decode-{key}.so"
-    if target.is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # Build beside the target and rename: processes starting together never load a
-    # half-written library.
-    with tempfile.TemporaryDirectory(dir=target.parent) as build_dir:
-        built = Path(build_dir) / target.name
-        subprocess.run(
-            [compiler, *_FLAGS, str(_SOURCE), "-o", str(built), "-lm"],
-            capture_output=True, text=True, check=True,
-        )
-        os.replace(built, target)
-    return target
-
-
 @functools.cache
 def _kernel() -> _Kernel | None:
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if not compiler:
-        log.warning("no C compiler found: CPU attention uses the slower portable path")
-        return None
-    try:
-        library = ctypes.CDLL(str(_compile(compiler)))
-    except (OSError, subprocess.CalledProcessError) as exc:
-        detail = getattr(exc, "stderr", "") or str(exc)
-        log.warning("CPU attention kernel unavailable, using the portable path: %s", detail)
+    library = build.load(_SOURCE, "CPU decode attention")
+    if library is None:
         return None
     limits = [ctypes.c_int64() for _ in range(3)]
     has_f16 = library.batchinfer_kernel_limits(*(ctypes.byref(limit) for limit in limits))

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.device import cpu_matmul_upcasts
+from engine.kernels import quant_rows
 from engine.layers import scratch
 
 # Weights per tile (1 MiB of bfloat16): with the tile's codes and the activations this
@@ -59,15 +60,7 @@ class Int4Tiles:
         packed = self.packed[start:stop]  # int8 [n, n_groups, group_size / 2]
         n = stop - start
         tile = scratch.get(n * self.in_features, self.compute_dtype).view(n, self.in_features)
-        halves = tile.view(*packed.shape[:2], 2, packed.shape[2])
-        codes = scratch.get(packed.numel(), torch.int8).view(packed.shape)
-        # Arithmetic shifts of int8 sign-extend each nibble back to qc.
-        torch.bitwise_left_shift(packed, 4, out=codes).bitwise_right_shift_(4)
-        halves[:, :, 0].copy_(codes)
-        torch.bitwise_right_shift(packed, 4, out=codes)
-        halves[:, :, 1].copy_(codes)
-        tile.view(n, -1, self.group_size).mul_(self.scales[start:stop])
-        return tile
+        return quant_rows.dequantize_int4(packed, self.scales[start:stop], self.group_size, tile)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         xc = x.to(self.compute_dtype)

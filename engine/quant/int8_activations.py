@@ -7,7 +7,9 @@ fly, symmetrically with its own scale (absmax / 127), so
 
     y[m, n] = x_scale[m] * sum_k xq[m, k] * qc[n, k] * w_scale[n]     (one group)
 
-and the error per activation is at most x_scale / 2 = absmax / 254 of its row.
+and the error per activation is at most x_scale / 2 = absmax / 254 of its row. The
+quantization and the rescale are one C pass each (engine/kernels/quant_rows.py): as
+torch ops they cost about as much as the int8 GEMM between them.
 
 BATCHINFER_INT8_ACTIVATIONS picks where this runs:
   auto (default)  where the CPU has the instructions (engine.device.cpu_has_int8_dot),
@@ -35,19 +37,6 @@ log = logging.getLogger(__name__)
 
 ENV_VAR = "BATCHINFER_INT8_ACTIVATIONS"
 _CHECKED_OUTPUTS = 64  # output features compared with exact arithmetic at start-up
-
-
-def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric per-row int8: x ~= q * scale with q int8 [M, K], scale float32 [M, 1].
-
-    scale = max |x[m]| / 127, so every |x / scale| <= 127 and the rounding error per
-    element is at most scale / 2. An all-zero row gets the smallest positive scale.
-    """
-    # Few passes over x: each parallel op is a barrier, and on a shared CPU a barrier
-    # whose other thread lost its core waits a whole time slice.
-    absmax = torch.linalg.vector_norm(x, math.inf, dim=1, keepdim=True, dtype=torch.float32)
-    scale = absmax.div_(127).clamp_min_(torch.finfo(torch.float32).tiny)
-    return torch.div(x, scale).round_().to(torch.int8), scale
 
 
 @functools.cache

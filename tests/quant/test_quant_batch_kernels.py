@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from engine import SamplingParams
+from engine.kernels.quant_rows import quantize_rows
 from engine.quant import QuantLinear, crossover, int8_activations
 from engine.quant.int4_tiles import Int4Tiles
-from engine.quant.int8_activations import quantize_rows
 from engine.quant.matmul import INT4_TILES_ENV_VAR
 from tests.quant.engine_helpers import final_logits, make_llm
 from tests.quant.gptq_packer import make_gptq

@@ -1,0 +1,173 @@
+/* Row-wise passes around the CPU's int8 and int4 matmuls, each one pass over memory.
+ *
+ * Built and loaded by engine/kernels/quant_rows.py (plain C, no Python or torch headers).
+ * torch spells each of these as several whole-tensor ops (a float32 temporary per op, a
+ * thread barrier per op), which cost as much as the int8 GEMM they surround; here each
+ * is one loop the compiler vectorizes for -march=native, rows split over threads.
+ *
+ * Every result is bit-identical to the torch expression named in its comment: the same
+ * float32 operations in the same order, IEEE division, round-half-to-even (nearbyintf in
+ * the default rounding mode), bfloat16 rounded to nearest even.
+ * All tensors are contiguous; bfloat16 travels as uint16_t.
+ */
+#include <math.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <string.h>
+
+enum { MAX_THREADS = 64 };
+/* Below this many elements per call one thread is faster than starting others. */
+enum { MIN_ELEMENTS_PER_THREAD = 1 << 15 };
+
+static inline float bf16_to_f32(uint16_t h) {
+    union { uint32_t bits; float value; } both = {.bits = (uint32_t)h << 16};
+    return both.value;
+}
+
+static inline uint16_t f32_to_bf16(float f) {
+    uint32_t bits;
+    memcpy(&bits, &f, sizeof bits);
+    bits += 0x7FFF + ((bits >> 16) & 1); /* round to nearest even (inputs are finite) */
+    return (uint16_t)(bits >> 16);
+}
+
+typedef struct Task Task;
+typedef void (*RowsFn)(const Task *task, int64_t first_row, int64_t end_row);
+
+struct Task {
+    RowsFn fn;
+    int64_t rows, cols, per_thread;
+    const void *a, *b, *c;
+    void *out, *out2;
+    int64_t group_size;
+    int out_f32;
+};
+
+typedef struct {
+    const Task *task;
+    int64_t first_row, end_row;
+} Slice;
+
+static void *run_slice(void *arg) {
+    const Slice *slice = (const Slice *)arg;
+    slice->task->fn(slice->task, slice->first_row, slice->end_row);
+    return NULL;
+}
+
+/* task->fn over all rows, in contiguous slices of rows, one per thread. */
+static void run_rows(Task *task, int num_threads) {
+    int64_t work = task->rows * task->cols / MIN_ELEMENTS_PER_THREAD;
+    if (num_threads > MAX_THREADS) num_threads = MAX_THREADS;
+    if (num_threads > work) num_threads = work < 1 ? 1 : (int)work;
+    if (num_threads > task->rows) num_threads = (int)task->rows;
+    if (num_threads < 1) num_threads = 1;
+    pthread_t threads[MAX_THREADS];
+    Slice slices[MAX_THREADS];
+    const int64_t step = (task->rows + num_threads - 1) / num_threads;
+    int started = 0;
+    for (int t = 1; t < num_threads; t++) {
+        slices[t] = (Slice){task, t * step, (t + 1) * step < task->rows ? (t + 1) * step : task->rows};
+        if (slices[t].first_row >= slices[t].end_row) break;
+        if (pthread_create(&threads[started], NULL, run_slice, &slices[t]) != 0) {
+            /* No thread: this one does the slice after its own. */
+            task->fn(task, slices[t].first_row, slices[t].end_row);
+            continue;
+        }
+        started++;
+    }
+    task->fn(task, 0, step < task->rows ? step : task->rows);
+    for (int t = 0; t < started; t++) pthread_join(threads[t], NULL);
+}
+
+/* torch: absmax = x.float().abs().amax(1); scale = (absmax / 127).clamp_min(FLT_MIN);
+ *        q = (x.float() / scale).round().to(int8)
+ * a: bf16 [rows, cols] -> out: int8 [rows, cols], out2: float32 scale [rows]. */
+static void quantize_rows(const Task *task, int64_t first_row, int64_t end_row) {
+    const int64_t cols = task->cols;
+    for (int64_t r = first_row; r < end_row; r++) {
+        const uint16_t *x = (const uint16_t *)task->a + r * cols;
+        int8_t *q = (int8_t *)task->out + r * cols;
+        float absmax = 0.0f;
+        for (int64_t i = 0; i < cols; i++) {
+            const float v = fabsf(bf16_to_f32(x[i]));
+            absmax = v > absmax ? v : absmax;
+        }
+        float scale = absmax / 127.0f;
+        scale = scale < 1.17549435e-38f ? 1.17549435e-38f : scale;
+        for (int64_t i = 0; i < cols; i++) q[i] = (int8_t)nearbyintf(bf16_to_f32(x[i]) / scale);
+        ((float *)task->out2)[r] = scale;
+    }
+}
+
+/* torch: ((acc * row_scale[:, None]) * col_scale[None, :]), then .to(bfloat16) unless
+ * out_f32. a: int32 [rows, cols]; b: float32 row_scale [rows]; c: float32 col_scale [cols]. */
+static void scale_int32(const Task *task, int64_t first_row, int64_t end_row) {
+    const int64_t cols = task->cols;
+    const float *col_scale = (const float *)task->c;
+    for (int64_t r = first_row; r < end_row; r++) {
+        const int32_t *acc = (const int32_t *)task->a + r * cols;
+        const float row_scale = ((const float *)task->b)[r];
+        if (task->out_f32) {
+            float *y = (float *)task->out + r * cols;
+            for (int64_t i = 0; i < cols; i++) y[i] = ((float)acc[i] * row_scale) * col_scale[i];
+        } else {
+            uint16_t *y = (uint16_t *)task->out + r * cols;
+            for (int64_t i = 0; i < cols; i++)
+                y[i] = f32_to_bf16(((float)acc[i] * row_scale) * col_scale[i]);
+        }
+    }
+}
+
+/* int4 codes to weights, one output feature per row (engine/quant/int4_tiles.py packs
+ * them): per group of g inputs, byte j holds input j in its low nibble and input j + g/2
+ * in its high one, two's complement. torch: W = codes.to(dtype) * scales[row, group]
+ * in the tile's dtype (bf16: the float32 product of a 4-bit code and a bf16 scale is
+ * exact, so rounding it once matches torch's bf16 multiply).
+ * a: int8 packed [rows, cols / 2]; b: scales [rows, cols / g] in the tile's dtype;
+ * out: [rows, cols] bf16, or float32 if out_f32. */
+static void dequantize_int4(const Task *task, int64_t first_row, int64_t end_row) {
+    const int64_t cols = task->cols, g = task->group_size, half = g / 2, groups = cols / g;
+    for (int64_t r = first_row; r < end_row; r++) {
+        const int8_t *packed = (const int8_t *)task->a + r * (cols / 2);
+        for (int64_t group = 0; group < groups; group++) {
+            const int8_t *bytes = packed + group * half;
+            const int64_t first = r * cols + group * g;
+            if (task->out_f32) {
+                const float scale = ((const float *)task->b)[r * groups + group];
+                float *w = (float *)task->out + first;
+                for (int64_t j = 0; j < half; j++) {
+                    w[j] = (float)((int8_t)(bytes[j] << 4) >> 4) * scale;
+                    w[j + half] = (float)(bytes[j] >> 4) * scale;
+                }
+            } else {
+                const float scale = bf16_to_f32(((const uint16_t *)task->b)[r * groups + group]);
+                uint16_t *w = (uint16_t *)task->out + first;
+                for (int64_t j = 0; j < half; j++) {
+                    w[j] = f32_to_bf16((float)((int8_t)(bytes[j] << 4) >> 4) * scale);
+                    w[j + half] = f32_to_bf16((float)(bytes[j] >> 4) * scale);
+                }
+            }
+        }
+    }
+}
+
+void batchinfer_quantize_rows(const void *x, int64_t rows, int64_t cols, void *q, void *scale,
+                              int num_threads) {
+    Task task = {.fn = quantize_rows, .rows = rows, .cols = cols, .a = x, .out = q, .out2 = scale};
+    run_rows(&task, num_threads);
+}
+
+void batchinfer_scale_int32(const void *acc, int64_t rows, int64_t cols, const void *row_scale,
+                            const void *col_scale, void *out, int out_f32, int num_threads) {
+    Task task = {.fn = scale_int32, .rows = rows, .cols = cols, .a = acc, .b = row_scale,
+                 .c = col_scale, .out = out, .out_f32 = out_f32};
+    run_rows(&task, num_threads);
+}
+
+void batchinfer_dequantize_int4(const void *packed, int64_t rows, int64_t cols,
+                                int64_t group_size, const void *scales, void *out, int out_f32,
+                                int num_threads) {
+    Task task = {.fn = dequantize_int4, .rows = rows, .cols = cols, .a = packed, .b = scales,
+                 .out = out, .group_size = group_size, .out_f32 = out_f32};
+    run_rows(&task, num_threads);
+}

@@ -1,0 +1,115 @@
+"""The row-wise passes around the CPU's int8 and int4 matmuls, as C kernels
+(quant_rows.c, built on first use by engine/kernels/build.py).
+
+Each function equals, bit for bit, the torch expression in its docstring, which is what
+runs where no compiler builds the kernels (`available` is False); the kernels do it in
+one pass over memory instead of several (tests/quant/test_quant_rows.py compares them).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+from pathlib import Path
+
+import torch
+
+from engine.kernels import build
+from engine.layers import scratch
+
+_SOURCE = Path(__file__).with_name("quant_rows.c")
+_TINY = torch.finfo(torch.float32).tiny
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    library = build.load(_SOURCE, "int8/int4 CPU matmuls")
+    if library is None:
+        return None
+    pointer, whole, flag = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    signatures = {
+        "batchinfer_quantize_rows": [pointer, whole, whole, pointer, pointer, flag],
+        "batchinfer_scale_int32": [pointer, whole, whole, pointer, pointer, pointer, flag, flag],
+        "batchinfer_dequantize_int4": [pointer, whole, whole, whole, pointer, pointer, flag, flag],
+    }
+    for name, argtypes in signatures.items():
+        function = getattr(library, name)
+        function.restype, function.argtypes = None, argtypes
+    return library
+
+
+def available() -> bool:
+    return _library() is not None
+
+
+def _contiguous_cpu(x: torch.Tensor, dtype: torch.dtype) -> bool:
+    return x.device.type == "cpu" and x.dtype == dtype and x.is_contiguous()
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row int8 of x [M, K]: (q int8 [M, K], scale float32 [M, 1]) with
+    scale = (max |x[m]| / 127).clamp_min(float32 tiny) and q = round(x / scale)."""
+    library = _library()
+    if library is None or not _contiguous_cpu(x, torch.bfloat16):
+        absmax = torch.linalg.vector_norm(x, float("inf"), dim=1, keepdim=True,
+                                          dtype=torch.float32)
+        scale = absmax.div_(127).clamp_min_(_TINY)
+        return torch.div(x, scale).round_().to(torch.int8), scale
+    rows, cols = x.shape
+    q = torch.empty(rows, cols, dtype=torch.int8)
+    scale = torch.empty(rows, 1, dtype=torch.float32)
+    library.batchinfer_quantize_rows(x.data_ptr(), rows, cols, q.data_ptr(), scale.data_ptr(),
+                                     torch.get_num_threads())
+    return q, scale
+
+
+def int_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """torch._int_mm(a, b) into the thread's reused int32 scratch: a fresh [M, N] int32
+    result per call costs page faults that take longer than writing it. Valid until
+    the next call on this thread."""
+    out = scratch.get(a.shape[0] * b.shape[1], torch.int32).view(a.shape[0], b.shape[1])
+    return torch._int_mm(a, b, out=out)
+
+
+def scale_int32(acc: torch.Tensor, row_scale: torch.Tensor, col_scale: torch.Tensor,
+                dtype: torch.dtype) -> torch.Tensor:
+    """((acc * row_scale) * col_scale).to(dtype) for int32 acc [M, N], float32 row_scale
+    [M, 1] and col_scale [N]; dtype bfloat16 or float32."""
+    library = _library()
+    fits = (_contiguous_cpu(acc, torch.int32) and _contiguous_cpu(row_scale, torch.float32)
+            and _contiguous_cpu(col_scale, torch.float32) and dtype in (torch.bfloat16,
+                                                                         torch.float32))
+    if library is None or not fits:
+        return (acc * row_scale).mul_(col_scale).to(dtype)
+    rows, cols = acc.shape
+    out = torch.empty(rows, cols, dtype=dtype)
+    library.batchinfer_scale_int32(acc.data_ptr(), rows, cols, row_scale.data_ptr(),
+                                   col_scale.data_ptr(), out.data_ptr(), dtype == torch.float32,
+                                   torch.get_num_threads())
+    return out
+
+
+def dequantize_int4(packed: torch.Tensor, scales: torch.Tensor, group_size: int,
+                    out: torch.Tensor) -> torch.Tensor:
+    """Weights from int4 codes into out [n, K] (bfloat16 or float32): packed int8
+    [n, K / group_size, group_size / 2] holds, per group, input j in the low nibble and
+    input j + group_size / 2 in the high one (two's complement); scales [n, K /
+    group_size, 1] in out's dtype. out[o, g*G + j] = code * scales[o, g]."""
+    library = _library()
+    fits = (_contiguous_cpu(packed, torch.int8) and out.is_contiguous()
+            and out.dtype in (torch.bfloat16, torch.float32)
+            and _contiguous_cpu(scales, out.dtype))
+    if library is None or not fits:
+        halves = out.view(*packed.shape[:2], 2, packed.shape[2])
+        codes = scratch.get(packed.numel(), torch.int8).view(packed.shape)
+        # Arithmetic shifts of int8 sign-extend each nibble back to its code.
+        torch.bitwise_left_shift(packed, 4, out=codes).bitwise_right_shift_(4)
+        halves[:, :, 0].copy_(codes)
+        torch.bitwise_right_shift(packed, 4, out=codes)
+        halves[:, :, 1].copy_(codes)
+        return out.view(len(packed), -1, group_size).mul_(scales).view(out.shape)
+    rows, cols = out.shape
+    library.batchinfer_dequantize_int4(packed.data_ptr(), rows, cols, group_size,
+                                       scales.data_ptr(), out.data_ptr(),
+                                       out.dtype == torch.float32, torch.get_num_threads())
+    return out

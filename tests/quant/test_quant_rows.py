@@ -1,0 +1,94 @@
+"""The C row passes around the int8/int4 CPU matmuls equal their torch expressions bit
+for bit (engine/kernels/quant_rows.py), at odd shapes and on several threads."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine.kernels import quant_rows
+
+pytestmark = pytest.mark.skipif(not quant_rows.available(), reason="no C compiler builds the kernels")
+
+
+@pytest.fixture(params=[1, 2], ids=["1-thread", "2-threads"])
+def threads(request):
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize(("rows", "cols"), [(1, 16), (3, 768), (257, 2048), (64, 1000)])
+def test_quantize_rows_equals_torch(rows, cols, threads):
+    generator = torch.Generator().manual_seed(rows)
+    x = (torch.randn(rows, cols, generator=generator) * 3).to(torch.bfloat16)
+    x[0, :5] = 0  # exact zeros
+    if rows > 2:
+        x[1] = 0  # an all-zero row gets the smallest positive scale
+        x[2, 7] = 1e4  # one outlier
+    q, scale = quant_rows.quantize_rows(x)
+    absmax = x.float().abs().amax(1, keepdim=True)
+    expected_scale = (absmax / 127).clamp_min(torch.finfo(torch.float32).tiny)
+    expected = (x.float() / expected_scale).round().to(torch.int8)
+    assert torch.equal(scale, expected_scale)
+    assert torch.equal(q, expected)
+    assert q.abs().max() <= 127
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize(("rows", "cols"), [(1, 16), (5, 2304), (300, 768)])
+def test_scale_int32_equals_torch(rows, cols, dtype, threads):
+    generator = torch.Generator().manual_seed(cols)
+    acc = torch.randint(-(1 << 20), 1 << 20, (rows, cols), dtype=torch.int32, generator=generator)
+    row_scale = torch.rand(rows, 1, generator=generator) / 100
+    col_scale = torch.rand(cols, generator=generator) / 100
+    got = quant_rows.scale_int32(acc, row_scale, col_scale, dtype)
+    assert got.dtype == dtype
+    assert torch.equal(got, ((acc * row_scale) * col_scale).to(dtype))
+
+
+def test_int_mm_reuses_its_buffer_and_equals_torch():
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randint(-127, 128, (40, 64), dtype=torch.int8, generator=generator)
+    b = torch.randint(-127, 128, (96, 64), dtype=torch.int8, generator=generator)
+    first = quant_rows.int_mm(a, b.t())
+    assert torch.equal(first, torch._int_mm(a, b.t()))
+    again = quant_rows.int_mm(a[:17], b.t())
+    assert again.data_ptr() == first.data_ptr()
+    assert torch.equal(again, torch._int_mm(a[:17], b.t()))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize(("rows", "cols", "group_size"), [(1, 32, 32), (48, 768, 128), (33, 2048, 64)])
+def test_dequantize_int4_equals_torch(rows, cols, group_size, dtype, threads):
+    generator = torch.Generator().manual_seed(cols + group_size)
+    codes = torch.randint(-8, 8, (rows, cols), dtype=torch.int8, generator=generator)
+    scales = (torch.rand(rows, cols // group_size, 1, generator=generator) / 10).to(dtype)
+    groups = codes.view(rows, -1, 2, group_size // 2)
+    packed = (groups[:, :, 0] & 15) | (groups[:, :, 1] << 4)
+    out = torch.empty(rows, cols, dtype=dtype)
+    got = quant_rows.dequantize_int4(packed, scales, group_size, out)
+    assert got.data_ptr() == out.data_ptr()
+    expected = (codes.to(dtype).view(rows, -1, group_size) * scales).view(rows, cols)
+    assert torch.equal(got, expected)
+
+
+def test_without_the_kernels_the_torch_expressions_give_the_same(monkeypatch):
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(9, 256, generator=generator).to(torch.bfloat16)
+    acc = torch.randint(-999, 999, (9, 48), dtype=torch.int32, generator=generator)
+    row_scale, col_scale = torch.rand(9, 1, generator=generator), torch.rand(48, generator=generator)
+    packed = torch.randint(-128, 128, (48, 2, 32), dtype=torch.int8, generator=generator)
+    scales = torch.rand(48, 2, 1, generator=generator).to(torch.bfloat16)
+
+    def run():
+        tile = torch.empty(48, 128, dtype=torch.bfloat16)
+        return (*quant_rows.quantize_rows(x),
+                quant_rows.scale_int32(acc, row_scale, col_scale, torch.bfloat16),
+                quant_rows.dequantize_int4(packed, scales, 64, tile).clone())
+
+    with_kernels = run()
+    monkeypatch.setattr(quant_rows, "_library", lambda: None)
+    for kernel, portable in zip(with_kernels, run(), strict=True):
+        assert torch.equal(kernel, portable)
