@@ -144,6 +144,23 @@ def test_decode_rows_match_the_reference(heads, kv_heads, window, decode_path):
     )
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize(("heads", "kv_heads", "batch"), [(12, 12, 1), (12, 12, 3), (64, 4, 2),
+                                                          (40, 40, 9)])
+def test_decode_work_split_over_heads_and_sequences(heads, kv_heads, batch, threads,
+                                                    decode_path):
+    # The C kernel's items are a sequence and a run of its KV heads: all of them for a
+    # big batch, fewer where the batch is small or the group is wide (64 heads / 4).
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        context_lens = [3 * BLOCK_SIZE + 1 + 5 * i for i in range(batch)]
+        run_case(seed=batch, heads=heads, kv_heads=kv_heads, window=None, dtype=torch.float32,
+                 query_lens=[1] * batch, context_lens=context_lens, decode_path=decode_path)
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("window", [None, 6])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_decodes_and_prefill_chunks_in_one_batch(window, dtype, decode_path):
