@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import threading
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from engine.device import cpu_matmul_upcasts
+from engine.kernels import row_passes
+from engine.scratch import scratch
 
 
 class RMSNorm(nn.Module):
@@ -19,15 +19,14 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(size))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        input_dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(input_dtype)
+    def forward(self, x: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
+        """The norm of x; with `add`, of x += add (x updated in place: the residual
+        stream), in one pass where the CPU kernel applies (engine/kernels/row_passes.py)."""
+        return row_passes.rms_norm(x, self.weight, self.eps, add)
 
 
 def silu_and_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    return F.silu(gate) * up
+    return row_passes.silu_and_mul(gate, up)
 
 
 # Float32 weight elements converted at a time by `linear` (8 MiB): the chunk stays in the
@@ -35,25 +34,6 @@ def silu_and_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 UPCAST_CHUNK_ELEMENTS = 1 << 21
 
 
-class ScratchBuffers(threading.local):
-    """One buffer per dtype per thread, reused by every call that needs scratch of it
-    (the upcast matmuls below, the int4 tile kernel): a fresh tensor per call costs page
-    faults, which take longer than filling it."""
-
-    def __init__(self) -> None:
-        self.tensors: dict[torch.dtype, torch.Tensor] = {}
-
-    def get(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
-        tensor = self.tensors.get(dtype)
-        if tensor is None or tensor.numel() < numel:
-            # A normal tensor even when first needed under inference_mode, so that calls
-            # outside it may write to it too.
-            with torch.inference_mode(False):
-                tensor = self.tensors[dtype] = torch.empty(numel, dtype=dtype)
-        return tensor[:numel]
-
-
-scratch = ScratchBuffers()
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -81,8 +81,9 @@ class DecoderLayer(nn.Module):
         rotary: RotaryEmbedding,
         meta: AttentionMetadata,
     ) -> torch.Tensor:
-        hidden = hidden + self.self_attn(self.input_layernorm(hidden), positions, rotary, meta)
-        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+        """hidden is the residual stream, updated in place."""
+        attended = self.self_attn(self.input_layernorm(hidden), positions, rotary, meta)
+        return hidden.add_(self.mlp(self.post_attention_layernorm(hidden, add=attended)))
 
 
 class DecoderModel(nn.Module):

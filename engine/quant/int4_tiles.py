@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from engine.device import cpu_matmul_upcasts
-from engine.kernels import quant_rows
-from engine.layers import scratch
+from engine.kernels import row_passes
+from engine.scratch import scratch
 
 # Weights per tile (1 MiB of bfloat16): with the tile's codes and the activations this
 # stays in a core's L2 on current server CPUs.
@@ -60,7 +60,7 @@ class Int4Tiles:
         packed = self.packed[start:stop]  # int8 [n, n_groups, group_size / 2]
         n = stop - start
         tile = scratch.get(n * self.in_features, self.compute_dtype).view(n, self.in_features)
-        return quant_rows.dequantize_int4(packed, self.scales[start:stop], self.group_size, tile)
+        return row_passes.dequantize_int4(packed, self.scales[start:stop], self.group_size, tile)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         xc = x.to(self.compute_dtype)

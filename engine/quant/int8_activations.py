@@ -8,7 +8,7 @@ fly, symmetrically with its own scale (absmax / 127), so
     y[m, n] = x_scale[m] * sum_k xq[m, k] * qc[n, k] * w_scale[n]     (one group)
 
 and the error per activation is at most x_scale / 2 = absmax / 254 of its row. The
-quantization and the rescale are one C pass each (engine/kernels/quant_rows.py): as
+quantization and the rescale are one C pass each (engine/kernels/row_passes.py): as
 torch ops they cost about as much as the int8 GEMM between them.
 
 BATCHINFER_INT8_ACTIVATIONS picks where this runs:

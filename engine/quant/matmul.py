@@ -42,7 +42,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.kernels import quant_rows
+from engine.kernels import row_passes
 from engine.layers import linear
 from engine.quant import int8_activations
 from engine.quant.crossover import MEASURED_ROWS, switch_rows
@@ -128,16 +128,16 @@ class _Int8PerGroup:
     def _int8_activations(self, x: torch.Tensor) -> torch.Tensor:
         """The same sum with x quantized per row (engine/quant/int8_activations.py):
         int8 x int8 products with int32 accumulation, rescaled in float32."""
-        xq, x_scale = quant_rows.quantize_rows(x)
+        xq, x_scale = row_passes.quantize_rows(x)
         if len(self.qweight) == 1:
             # Straight to x's dtype where no offsets follow (__call__'s cast is then free).
             dtype = x.dtype if self.offsets is None else torch.float32
-            return quant_rows.scale_int32(quant_rows.int_mm(xq, self.qweight[0].t()), x_scale,
+            return row_passes.scale_int32(row_passes.int_mm(xq, self.qweight[0].t()), x_scale,
                                           self.scales[0].float(), dtype)
         y = torch.zeros(x.shape[0], self.scales.shape[1], device=x.device)
         for g, (codes, scales) in enumerate(zip(self.qweight, self.scales, strict=True)):
             xg = xq[:, g * self.group_size : (g + 1) * self.group_size]
-            y.addcmul_(quant_rows.int_mm(xg, codes.t()), scales)
+            y.addcmul_(row_passes.int_mm(xg, codes.t()), scales)
         return y.mul_(x_scale)
 
     def _codes_matmul(self, x: torch.Tensor) -> torch.Tensor:

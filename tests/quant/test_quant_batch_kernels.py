@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from engine import SamplingParams
-from engine.kernels.quant_rows import quantize_rows
+from engine.kernels.row_passes import quantize_rows
 from engine.quant import QuantLinear, crossover, int8_activations
 from engine.quant.int4_tiles import Int4Tiles
 from engine.quant.matmul import INT4_TILES_ENV_VAR

@@ -1,13 +1,17 @@
-/* Row-wise passes around the CPU's int8 and int4 matmuls, each one pass over memory.
+/* Row-wise passes of the CPU model, each one pass over memory: around the int8 and int4
+ * matmuls (activation quantization, rescale, int4 tile dequantization) and between the
+ * matmuls (RMSNorm with its residual add, SiLU-and-multiply).
  *
- * Built and loaded by engine/kernels/quant_rows.py (plain C, no Python or torch headers).
+ * Built and loaded by engine/kernels/row_passes.py (plain C, no Python or torch headers).
  * torch spells each of these as several whole-tensor ops (a float32 temporary per op, a
  * thread barrier per op), which cost as much as the int8 GEMM they surround; here each
  * is one loop the compiler vectorizes for -march=native, rows split over threads.
  *
- * Every result is bit-identical to the torch expression named in its comment: the same
- * float32 operations in the same order, IEEE division, round-half-to-even (nearbyintf in
- * the default rounding mode), bfloat16 rounded to nearest even.
+ * The quantized passes are bit-identical to the torch expression named in their comment:
+ * the same float32 operations in the same order, IEEE division, round-half-to-even
+ * (nearbyintf in the default rounding mode), bfloat16 rounded to nearest even. The norm
+ * and activation compute in float32 as torch does but sum and exponentiate in their own
+ * order, so a bfloat16 result can differ from torch's by one rounding step.
  * All tensors are contiguous; bfloat16 travels as uint16_t.
  */
 #include <math.h>
@@ -17,7 +21,7 @@
 
 enum { MAX_THREADS = 64 };
 /* Below this many elements per call one thread is faster than starting others. */
-enum { MIN_ELEMENTS_PER_THREAD = 1 << 15 };
+enum { MIN_ELEMENTS_PER_THREAD = 1 << 18 };
 
 static inline float bf16_to_f32(uint16_t h) {
     union { uint32_t bits; float value; } both = {.bits = (uint32_t)h << 16};
@@ -41,6 +45,7 @@ struct Task {
     void *out, *out2;
     int64_t group_size;
     int out_f32;
+    float eps;
 };
 
 typedef struct {
@@ -80,21 +85,31 @@ static void run_rows(Task *task, int num_threads) {
 }
 
 /* torch: absmax = x.float().abs().amax(1); scale = (absmax / 127).clamp_min(FLT_MIN);
- *        q = (x.float() / scale).round().to(int8)
+ *        q = (x.float() * scale.reciprocal()).round().to(int8)
  * a: bf16 [rows, cols] -> out: int8 [rows, cols], out2: float32 scale [rows]. */
 static void quantize_rows(const Task *task, int64_t first_row, int64_t end_row) {
     const int64_t cols = task->cols;
     for (int64_t r = first_row; r < end_row; r++) {
         const uint16_t *x = (const uint16_t *)task->a + r * cols;
         int8_t *q = (int8_t *)task->out + r * cols;
+        /* Sixteen running maxima: a single one is a chain gcc does not vectorize. */
+        float lanes[16] = {0};
+        int64_t i = 0;
+        for (; i + 16 <= cols; i += 16)
+            for (int l = 0; l < 16; l++) {
+                const float v = fabsf(bf16_to_f32(x[i + l]));
+                lanes[l] = v > lanes[l] ? v : lanes[l];
+            }
         float absmax = 0.0f;
-        for (int64_t i = 0; i < cols; i++) {
+        for (; i < cols; i++) {
             const float v = fabsf(bf16_to_f32(x[i]));
             absmax = v > absmax ? v : absmax;
         }
+        for (int l = 0; l < 16; l++) absmax = lanes[l] > absmax ? lanes[l] : absmax;
         float scale = absmax / 127.0f;
         scale = scale < 1.17549435e-38f ? 1.17549435e-38f : scale;
-        for (int64_t i = 0; i < cols; i++) q[i] = (int8_t)nearbyintf(bf16_to_f32(x[i]) / scale);
+        const float inverse = 1.0f / scale; /* a multiply per element, not a division */
+        for (i = 0; i < cols; i++) q[i] = (int8_t)nearbyintf(bf16_to_f32(x[i]) * inverse);
         ((float *)task->out2)[r] = scale;
     }
 }
@@ -151,6 +166,94 @@ static void dequantize_int4(const Task *task, int64_t first_row, int64_t end_row
     }
 }
 
+/* exp(x) in plain arithmetic, so that a loop of it vectorizes (libm's expf does not
+ * without -ffast-math): x = n*ln2 + r with |r| <= ln2/2, exp(r) by a degree-7 polynomial
+ * (relative error ~2e-7, far below bfloat16's rounding), 2^n put in the exponent bits.
+ * Clamped to [-87, 88], where 2^n stays a normal float32. */
+static inline float exp_clamped(float x) {
+    x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
+    /* Round to nearest by adding and taking away 1.5 * 2^23 (floorf would not vectorize). */
+    const float n = (x * 1.44269504f + 12582912.0f) - 12582912.0f;
+    const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    const int32_t bits = ((int32_t)n + 127) << 23;
+    float scale;
+    memcpy(&scale, &bits, sizeof scale);
+    return p * scale;
+}
+
+/* Hugging Face's LlamaRMSNorm in bfloat16: h = x (or x + delta, rounded to bf16 and
+ * written back to x: the residual stream), then weight * bf16(h * rsqrt(mean(h^2) + eps)).
+ * a: x bf16 [rows, cols] (updated in place when b is given); b: delta bf16 or NULL;
+ * c: weight bf16 [cols]; out: bf16 [rows, cols]. */
+static void rms_norm(const Task *task, int64_t first_row, int64_t end_row) {
+    const int64_t cols = task->cols;
+    const uint16_t *weight = (const uint16_t *)task->c;
+    enum { SUM_LANES = 16 };
+    for (int64_t r = first_row; r < end_row; r++) {
+        uint16_t *x = (uint16_t *)task->a + r * cols;
+        uint16_t *y = (uint16_t *)task->out + r * cols;
+        if (task->b != NULL) {
+            const uint16_t *delta = (const uint16_t *)task->b + r * cols;
+            for (int64_t i = 0; i < cols; i++)
+                x[i] = f32_to_bf16(bf16_to_f32(x[i]) + bf16_to_f32(delta[i]));
+        }
+        float lanes[SUM_LANES] = {0};
+        int64_t i = 0;
+        for (; i + SUM_LANES <= cols; i += SUM_LANES)
+            for (int l = 0; l < SUM_LANES; l++) {
+                const float v = bf16_to_f32(x[i + l]);
+                lanes[l] += v * v;
+            }
+        float sum = 0.0f;
+        for (; i < cols; i++) sum += bf16_to_f32(x[i]) * bf16_to_f32(x[i]);
+        for (int l = 0; l < SUM_LANES; l++) sum += lanes[l];
+        const float inv_rms = 1.0f / sqrtf(sum / (float)cols + task->eps);
+        for (int64_t j = 0; j < cols; j++) {
+            const float normed = bf16_to_f32(f32_to_bf16(bf16_to_f32(x[j]) * inv_rms));
+            y[j] = f32_to_bf16(bf16_to_f32(weight[j]) * normed);
+        }
+    }
+}
+
+/* torch: F.silu(gate) * up in bfloat16, silu rounded to bf16 before the product as torch
+ * rounds it. a: gate, b: up, bf16 rows `group_size` elements apart (the two halves of
+ * one fused projection's rows, or two tensors); out: bf16 [rows, cols]. */
+static void silu_mul_row(const uint16_t *restrict gate, const uint16_t *restrict up,
+                         uint16_t *restrict y, int64_t cols) {
+    for (int64_t i = 0; i < cols; i++) {
+        const float g = bf16_to_f32(gate[i]);
+        const float silu = bf16_to_f32(f32_to_bf16(g / (1.0f + exp_clamped(-g))));
+        y[i] = f32_to_bf16(silu * bf16_to_f32(up[i]));
+    }
+}
+
+static void silu_mul(const Task *task, int64_t first_row, int64_t end_row) {
+    const int64_t cols = task->cols, stride = task->group_size;
+    for (int64_t r = first_row; r < end_row; r++)
+        silu_mul_row((const uint16_t *)task->a + r * stride, (const uint16_t *)task->b + r * stride,
+                     (uint16_t *)task->out + r * cols, cols);
+}
+
+void batchinfer_rms_norm(void *x, const void *delta, const void *weight, int64_t rows,
+                         int64_t cols, float eps, void *out, int num_threads) {
+    Task task = {.fn = rms_norm, .rows = rows, .cols = cols, .a = x, .b = delta, .c = weight,
+                 .out = out, .eps = eps};
+    run_rows(&task, num_threads);
+}
+
+void batchinfer_silu_mul(const void *gate, const void *up, int64_t rows, int64_t cols,
+                         int64_t row_stride, void *out, int num_threads) {
+    Task task = {.fn = silu_mul, .rows = rows, .cols = cols, .a = gate, .b = up, .out = out,
+                 .group_size = row_stride};
+    run_rows(&task, num_threads);
+}
 void batchinfer_quantize_rows(const void *x, int64_t rows, int64_t cols, void *q, void *scale,
                               int num_threads) {
     Task task = {.fn = quantize_rows, .rows = rows, .cols = cols, .a = x, .out = q, .out2 = scale};

@@ -1,9 +1,13 @@
-"""The row-wise passes around the CPU's int8 and int4 matmuls, as C kernels
-(quant_rows.c, built on first use by engine/kernels/build.py).
+"""The CPU model's row-wise passes as C kernels (row_passes.c, built on first use by
+engine/kernels/build.py): around the int8 and int4 matmuls, and RMSNorm and
+SiLU-and-multiply between the matmuls.
 
-Each function equals, bit for bit, the torch expression in its docstring, which is what
-runs where no compiler builds the kernels (`available` is False); the kernels do it in
-one pass over memory instead of several (tests/quant/test_quant_rows.py compares them).
+Each function computes the torch expression in its docstring, which is what runs where
+no compiler builds the kernels (`available` is False) or the tensors do not fit them
+(not on the CPU, not bfloat16, not contiguous); the kernels do it in one pass over
+memory instead of several. The quantized passes equal torch bit for bit; the norm and
+activation may differ by one bfloat16 rounding step, as their sums and exponentials run
+in another order (tests/engine/test_engine_row_passes.py checks both).
 """
 
 from __future__ import annotations
@@ -15,9 +19,9 @@ from pathlib import Path
 import torch
 
 from engine.kernels import build
-from engine.layers import scratch
+from engine.scratch import scratch
 
-_SOURCE = Path(__file__).with_name("quant_rows.c")
+_SOURCE = Path(__file__).with_name("row_passes.c")
 _TINY = torch.finfo(torch.float32).tiny
 
 
@@ -31,6 +35,9 @@ def _library() -> ctypes.CDLL | None:
         "batchinfer_quantize_rows": [pointer, whole, whole, pointer, pointer, flag],
         "batchinfer_scale_int32": [pointer, whole, whole, pointer, pointer, pointer, flag, flag],
         "batchinfer_dequantize_int4": [pointer, whole, whole, whole, pointer, pointer, flag, flag],
+        "batchinfer_rms_norm": [pointer, pointer, pointer, whole, whole, ctypes.c_float, pointer,
+                                flag],
+        "batchinfer_silu_mul": [pointer, pointer, whole, whole, whole, pointer, flag],
     }
     for name, argtypes in signatures.items():
         function = getattr(library, name)
@@ -48,13 +55,13 @@ def _contiguous_cpu(x: torch.Tensor, dtype: torch.dtype) -> bool:
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric per-row int8 of x [M, K]: (q int8 [M, K], scale float32 [M, 1]) with
-    scale = (max |x[m]| / 127).clamp_min(float32 tiny) and q = round(x / scale)."""
+    scale = (max |x[m]| / 127).clamp_min(float32 tiny) and q = round(x * (1 / scale))."""
     library = _library()
     if library is None or not _contiguous_cpu(x, torch.bfloat16):
         absmax = torch.linalg.vector_norm(x, float("inf"), dim=1, keepdim=True,
                                           dtype=torch.float32)
         scale = absmax.div_(127).clamp_min_(_TINY)
-        return torch.div(x, scale).round_().to(torch.int8), scale
+        return torch.mul(x, scale.reciprocal()).round_().to(torch.int8), scale
     rows, cols = x.shape
     q = torch.empty(rows, cols, dtype=torch.int8)
     scale = torch.empty(rows, 1, dtype=torch.float32)
@@ -112,4 +119,43 @@ def dequantize_int4(packed: torch.Tensor, scales: torch.Tensor, group_size: int,
     library.batchinfer_dequantize_int4(packed.data_ptr(), rows, cols, group_size,
                                        scales.data_ptr(), out.data_ptr(),
                                        out.dtype == torch.float32, torch.get_num_threads())
+    return out
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
+             add: torch.Tensor | None = None) -> torch.Tensor:
+    """Hugging Face's LlamaRMSNorm of x over its last dimension (float32 inside, the
+    weight applied in x's dtype). With `add`, x += add first, in place: x is then the
+    residual stream and the norm is of the sum."""
+    library = _library()
+    fits = (_contiguous_cpu(x, torch.bfloat16) and _contiguous_cpu(weight, torch.bfloat16)
+            and (add is None or (_contiguous_cpu(add, torch.bfloat16) and add.shape == x.shape)))
+    if library is None or not fits:
+        if add is not None:
+            x.add_(add)
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+        return weight * h.to(x.dtype)
+    out = torch.empty_like(x)
+    cols = x.shape[-1]
+    library.batchinfer_rms_norm(x.data_ptr(), None if add is None else add.data_ptr(),
+                                weight.data_ptr(), x.numel() // cols, cols, eps, out.data_ptr(),
+                                torch.get_num_threads())
+    return out
+
+
+def silu_and_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """F.silu(gate) * up for 2-D gate and up, which may be the two halves of one fused
+    projection's output (rows of both the same distance apart)."""
+    library = _library()
+    fits = (library is not None and gate.dim() == 2 and gate.shape == up.shape
+            and all(t.device.type == "cpu" and t.dtype == torch.bfloat16 and t.stride(1) == 1
+                    for t in (gate, up))
+            and gate.stride(0) == up.stride(0))
+    if not fits:
+        return torch.nn.functional.silu(gate) * up
+    rows, cols = gate.shape
+    out = torch.empty(rows, cols, dtype=gate.dtype)
+    library.batchinfer_silu_mul(gate.data_ptr(), up.data_ptr(), rows, cols, gate.stride(0),
+                                out.data_ptr(), torch.get_num_threads())
     return out

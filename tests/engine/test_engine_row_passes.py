@@ -1,14 +1,14 @@
 """The C row passes around the int8/int4 CPU matmuls equal their torch expressions bit
-for bit (engine/kernels/quant_rows.py), at odd shapes and on several threads."""
+for bit (engine/kernels/row_passes.py), at odd shapes and on several threads."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from engine.kernels import quant_rows
+from engine.kernels import row_passes
 
-pytestmark = pytest.mark.skipif(not quant_rows.available(), reason="no C compiler builds the kernels")
+pytestmark = pytest.mark.skipif(not row_passes.available(), reason="no C compiler builds the kernels")
 
 
 @pytest.fixture(params=[1, 2], ids=["1-thread", "2-threads"])
@@ -27,10 +27,10 @@ def test_quantize_rows_equals_torch(rows, cols, threads):
     if rows > 2:
         x[1] = 0  # an all-zero row gets the smallest positive scale
         x[2, 7] = 1e4  # one outlier
-    q, scale = quant_rows.quantize_rows(x)
+    q, scale = row_passes.quantize_rows(x)
     absmax = x.float().abs().amax(1, keepdim=True)
     expected_scale = (absmax / 127).clamp_min(torch.finfo(torch.float32).tiny)
-    expected = (x.float() / expected_scale).round().to(torch.int8)
+    expected = (x.float() * expected_scale.reciprocal()).round().to(torch.int8)
     assert torch.equal(scale, expected_scale)
     assert torch.equal(q, expected)
     assert q.abs().max() <= 127
@@ -43,7 +43,7 @@ def test_scale_int32_equals_torch(rows, cols, dtype, threads):
     acc = torch.randint(-(1 << 20), 1 << 20, (rows, cols), dtype=torch.int32, generator=generator)
     row_scale = torch.rand(rows, 1, generator=generator) / 100
     col_scale = torch.rand(cols, generator=generator) / 100
-    got = quant_rows.scale_int32(acc, row_scale, col_scale, dtype)
+    got = row_passes.scale_int32(acc, row_scale, col_scale, dtype)
     assert got.dtype == dtype
     assert torch.equal(got, ((acc * row_scale) * col_scale).to(dtype))
 
@@ -52,9 +52,9 @@ def test_int_mm_reuses_its_buffer_and_equals_torch():
     generator = torch.Generator().manual_seed(0)
     a = torch.randint(-127, 128, (40, 64), dtype=torch.int8, generator=generator)
     b = torch.randint(-127, 128, (96, 64), dtype=torch.int8, generator=generator)
-    first = quant_rows.int_mm(a, b.t())
+    first = row_passes.int_mm(a, b.t())
     assert torch.equal(first, torch._int_mm(a, b.t()))
-    again = quant_rows.int_mm(a[:17], b.t())
+    again = row_passes.int_mm(a[:17], b.t())
     assert again.data_ptr() == first.data_ptr()
     assert torch.equal(again, torch._int_mm(a[:17], b.t()))
 
@@ -68,7 +68,7 @@ def test_dequantize_int4_equals_torch(rows, cols, group_size, dtype, threads):
     groups = codes.view(rows, -1, 2, group_size // 2)
     packed = (groups[:, :, 0] & 15) | (groups[:, :, 1] << 4)
     out = torch.empty(rows, cols, dtype=dtype)
-    got = quant_rows.dequantize_int4(packed, scales, group_size, out)
+    got = row_passes.dequantize_int4(packed, scales, group_size, out)
     assert got.data_ptr() == out.data_ptr()
     expected = (codes.to(dtype).view(rows, -1, group_size) * scales).view(rows, cols)
     assert torch.equal(got, expected)
@@ -84,11 +84,52 @@ def test_without_the_kernels_the_torch_expressions_give_the_same(monkeypatch):
 
     def run():
         tile = torch.empty(48, 128, dtype=torch.bfloat16)
-        return (*quant_rows.quantize_rows(x),
-                quant_rows.scale_int32(acc, row_scale, col_scale, torch.bfloat16),
-                quant_rows.dequantize_int4(packed, scales, 64, tile).clone())
+        return (*row_passes.quantize_rows(x),
+                row_passes.scale_int32(acc, row_scale, col_scale, torch.bfloat16),
+                row_passes.dequantize_int4(packed, scales, 64, tile).clone())
 
     with_kernels = run()
-    monkeypatch.setattr(quant_rows, "_library", lambda: None)
+    monkeypatch.setattr(row_passes, "_library", lambda: None)
     for kernel, portable in zip(with_kernels, run(), strict=True):
         assert torch.equal(kernel, portable)
+
+
+def _bf16_steps_apart(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """How many bfloat16 values lie between a and b, elementwise (same signs); values
+    both within 1e-30 of zero (silu's far negative tail) count as equal."""
+    steps = (a.view(torch.int16).int() - b.view(torch.int16).int()).abs()
+    return steps.masked_fill((a.float().abs() < 1e-30) & (b.float().abs() < 1e-30), 0)
+
+
+@pytest.mark.parametrize("with_add", [False, True])
+@pytest.mark.parametrize(("rows", "cols"), [(1, 64), (7, 768), (300, 100)])
+def test_rms_norm_within_one_rounding_of_torch(rows, cols, with_add, threads):
+    generator = torch.Generator().manual_seed(cols)
+    x = (torch.randn(rows, cols, generator=generator) * 4).to(torch.bfloat16)
+    add = (torch.randn(rows, cols, generator=generator) * 4).to(torch.bfloat16) if with_add else None
+    weight = (torch.rand(cols, generator=generator) + 0.5).to(torch.bfloat16)
+    residual = x.clone()
+    if add is not None:
+        residual += add
+    h = residual.float()
+    expected = weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)).to(torch.bfloat16)
+    got = row_passes.rms_norm(x, weight, 1e-6, add)
+    assert torch.equal(x, residual)  # the residual stream, updated in place
+    steps = _bf16_steps_apart(got, expected)
+    assert steps.max() <= 1
+    assert (steps == 0).float().mean() > 0.99
+
+
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize(("rows", "cols"), [(1, 16), (9, 2048), (200, 172)])
+def test_silu_and_mul_within_one_rounding_of_torch(rows, cols, fused, threads):
+    generator = torch.Generator().manual_seed(rows)
+    both = (torch.randn(rows, 2 * cols, generator=generator) * 6).to(torch.bfloat16)
+    both[0, :4] = torch.tensor([-100.0, 100.0, 0.0, -0.0])  # far tails, zeros
+    gate, up = both[:, :cols], both[:, cols:]
+    if not fused:
+        gate, up = gate.contiguous(), up.contiguous()
+    expected = torch.nn.functional.silu(gate) * up
+    steps = _bf16_steps_apart(row_passes.silu_and_mul(gate, up), expected)
+    assert steps.max() <= 1
+    assert (steps == 0).float().mean() > 0.99
