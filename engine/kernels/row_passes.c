@@ -115,18 +115,19 @@ static void quantize_rows(const Task *task, int64_t first_row, int64_t end_row) 
 }
 
 /* torch: ((acc * row_scale[:, None]) * col_scale[None, :]), then .to(bfloat16) unless
- * out_f32. a: int32 [rows, cols]; b: float32 row_scale [rows]; c: float32 col_scale [cols]. */
+ * out_f32. a: int32 [rows, cols]; b: float32 row_scale [rows]; c: float32 col_scale [cols];
+ * out rows `group_size` elements apart (a column slice of a wider output). */
 static void scale_int32(const Task *task, int64_t first_row, int64_t end_row) {
-    const int64_t cols = task->cols;
+    const int64_t cols = task->cols, out_stride = task->group_size;
     const float *col_scale = (const float *)task->c;
     for (int64_t r = first_row; r < end_row; r++) {
         const int32_t *acc = (const int32_t *)task->a + r * cols;
         const float row_scale = ((const float *)task->b)[r];
         if (task->out_f32) {
-            float *y = (float *)task->out + r * cols;
+            float *y = (float *)task->out + r * out_stride;
             for (int64_t i = 0; i < cols; i++) y[i] = ((float)acc[i] * row_scale) * col_scale[i];
         } else {
-            uint16_t *y = (uint16_t *)task->out + r * cols;
+            uint16_t *y = (uint16_t *)task->out + r * out_stride;
             for (int64_t i = 0; i < cols; i++)
                 y[i] = f32_to_bf16(((float)acc[i] * row_scale) * col_scale[i]);
         }
@@ -241,6 +242,43 @@ static void silu_mul(const Task *task, int64_t first_row, int64_t end_row) {
                      (uint16_t *)task->out + r * cols, cols);
 }
 
+/* int4 codes (packed as for dequantize_int4) to int8 codes of one scale per output
+ * feature: q8 = clamp(round((code * scale + offset) * inverse_channel_scale), -127, 127),
+ * the int4 weight the bf16 kernels compute (bf16 scale and offset) requantized per row.
+ * a: packed int8 [rows, cols / 2]; b: scales bf16 [rows, cols / g]; c: offsets bf16
+ * [rows, cols / g] or NULL; out2: inverse channel scales float32 [rows]; out: int8. */
+static void requantize_int4(const Task *task, int64_t first_row, int64_t end_row) {
+    const int64_t cols = task->cols, g = task->group_size, half = g / 2, groups = cols / g;
+    for (int64_t r = first_row; r < end_row; r++) {
+        const int8_t *packed = (const int8_t *)task->a + r * (cols / 2);
+        const float inverse = ((const float *)task->out2)[r];
+        for (int64_t group = 0; group < groups; group++) {
+            const int8_t *bytes = packed + group * half;
+            const float scale = bf16_to_f32(((const uint16_t *)task->b)[r * groups + group]);
+            const float offset = task->c == NULL
+                ? 0.0f : bf16_to_f32(((const uint16_t *)task->c)[r * groups + group]);
+            int8_t *q = (int8_t *)task->out + r * cols + group * g;
+            for (int64_t j = 0; j < half; j++) {
+                float low = nearbyintf(((float)((int8_t)(bytes[j] << 4) >> 4) * scale + offset) * inverse);
+                float high = nearbyintf(((float)(bytes[j] >> 4) * scale + offset) * inverse);
+                low = low > 127.0f ? 127.0f : (low < -127.0f ? -127.0f : low);
+                high = high > 127.0f ? 127.0f : (high < -127.0f ? -127.0f : high);
+                q[j] = (int8_t)low;
+                q[j + half] = (int8_t)high;
+            }
+        }
+    }
+}
+
+void batchinfer_requantize_int4(const void *packed, int64_t rows, int64_t cols,
+                                int64_t group_size, const void *scales, const void *offsets,
+                                const void *inverse_channel_scales, void *out, int num_threads) {
+    Task task = {.fn = requantize_int4, .rows = rows, .cols = cols, .a = packed, .b = scales,
+                 .c = offsets, .out = out, .out2 = (void *)inverse_channel_scales,
+                 .group_size = group_size};
+    run_rows(&task, num_threads);
+}
+
 void batchinfer_rms_norm(void *x, const void *delta, const void *weight, int64_t rows,
                          int64_t cols, float eps, void *out, int num_threads) {
     Task task = {.fn = rms_norm, .rows = rows, .cols = cols, .a = x, .b = delta, .c = weight,
@@ -261,9 +299,10 @@ void batchinfer_quantize_rows(const void *x, int64_t rows, int64_t cols, void *q
 }
 
 void batchinfer_scale_int32(const void *acc, int64_t rows, int64_t cols, const void *row_scale,
-                            const void *col_scale, void *out, int out_f32, int num_threads) {
+                            const void *col_scale, void *out, int64_t out_stride, int out_f32,
+                            int num_threads) {
     Task task = {.fn = scale_int32, .rows = rows, .cols = cols, .a = acc, .b = row_scale,
-                 .c = col_scale, .out = out, .out_f32 = out_f32};
+                 .c = col_scale, .out = out, .group_size = out_stride, .out_f32 = out_f32};
     run_rows(&task, num_threads);
 }
 

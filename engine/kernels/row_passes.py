@@ -33,7 +33,10 @@ def _library() -> ctypes.CDLL | None:
     pointer, whole, flag = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     signatures = {
         "batchinfer_quantize_rows": [pointer, whole, whole, pointer, pointer, flag],
-        "batchinfer_scale_int32": [pointer, whole, whole, pointer, pointer, pointer, flag, flag],
+        "batchinfer_scale_int32": [pointer, whole, whole, pointer, pointer, pointer, whole, flag,
+                                   flag],
+        "batchinfer_requantize_int4": [pointer, whole, whole, whole, pointer, pointer, pointer,
+                                       pointer, flag],
         "batchinfer_dequantize_int4": [pointer, whole, whole, whole, pointer, pointer, flag, flag],
         "batchinfer_rms_norm": [pointer, pointer, pointer, whole, whole, ctypes.c_float, pointer,
                                 flag],
@@ -79,20 +82,25 @@ def int_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def scale_int32(acc: torch.Tensor, row_scale: torch.Tensor, col_scale: torch.Tensor,
-                dtype: torch.dtype) -> torch.Tensor:
+                dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
     """((acc * row_scale) * col_scale).to(dtype) for int32 acc [M, N], float32 row_scale
-    [M, 1] and col_scale [N]; dtype bfloat16 or float32."""
+    [M, 1] and col_scale [N]; dtype bfloat16 or float32. Written into `out` where given
+    (for example a column slice of a wider output), else a new tensor."""
     library = _library()
     fits = (_contiguous_cpu(acc, torch.int32) and _contiguous_cpu(row_scale, torch.float32)
-            and _contiguous_cpu(col_scale, torch.float32) and dtype in (torch.bfloat16,
-                                                                         torch.float32))
+            and _contiguous_cpu(col_scale, torch.float32)
+            and dtype in (torch.bfloat16, torch.float32)
+            and (out is None or (out.dtype == dtype and out.device.type == "cpu"
+                                 and out.stride(1) == 1)))
     if library is None or not fits:
-        return (acc * row_scale).mul_(col_scale).to(dtype)
+        result = (acc * row_scale).mul_(col_scale).to(dtype)
+        return result if out is None else out.copy_(result)
     rows, cols = acc.shape
-    out = torch.empty(rows, cols, dtype=dtype)
+    if out is None:
+        out = torch.empty(rows, cols, dtype=dtype)
     library.batchinfer_scale_int32(acc.data_ptr(), rows, cols, row_scale.data_ptr(),
-                                   col_scale.data_ptr(), out.data_ptr(), dtype == torch.float32,
-                                   torch.get_num_threads())
+                                   col_scale.data_ptr(), out.data_ptr(), out.stride(0),
+                                   dtype == torch.float32, torch.get_num_threads())
     return out
 
 
@@ -158,4 +166,34 @@ def silu_and_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     out = torch.empty(rows, cols, dtype=gate.dtype)
     library.batchinfer_silu_mul(gate.data_ptr(), up.data_ptr(), rows, cols, gate.stride(0),
                                 out.data_ptr(), torch.get_num_threads())
+    return out
+
+
+def requantize_int4(packed: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None,
+                    group_size: int, inverse_channel_scales: torch.Tensor,
+                    out: torch.Tensor) -> torch.Tensor:
+    """int8 codes of one scale per output feature from int4 codes, into out int8 [n, K]:
+    round((code * scale + offset) * inverse_channel_scales[o]) within [-127, 127]. packed
+    as for dequantize_int4; scales and offsets (None: zero) bfloat16 [n, K / group_size]
+    (or with a trailing 1); inverse_channel_scales float32 [n]."""
+    library = _library()
+    fits = (library is not None and _contiguous_cpu(packed, torch.int8)
+            and _contiguous_cpu(scales, torch.bfloat16)
+            and (offsets is None or _contiguous_cpu(offsets, torch.bfloat16))
+            and _contiguous_cpu(inverse_channel_scales, torch.float32)
+            and _contiguous_cpu(out, torch.int8))
+    rows, cols = out.shape
+    if not fits:
+        # Arithmetic shifts of int8 sign-extend each nibble (no scratch: out may be it).
+        codes = torch.cat([packed.view(rows, -1, group_size // 2) << 4 >> 4,
+                           packed.view(rows, -1, group_size // 2) >> 4], dim=-1)
+        weights = codes.float().mul_(scales.float().view(rows, -1, 1))
+        if offsets is not None:
+            weights.add_(offsets.float().view(rows, -1, 1))
+        weights = weights.view(rows, cols).mul_(inverse_channel_scales.view(rows, 1))
+        return out.copy_(weights.round_().clamp_(-127, 127))
+    library.batchinfer_requantize_int4(
+        packed.data_ptr(), rows, cols, group_size, scales.data_ptr(),
+        None if offsets is None else offsets.data_ptr(), inverse_channel_scales.data_ptr(),
+        out.data_ptr(), torch.get_num_threads())
     return out

@@ -1,4 +1,4 @@
-"""int4 weights for large batches: dequantize a tile of the weight at a time, float GEMM.
+"""int4 weights for large batches: dequantize a tile of the weight at a time, fast GEMM.
 
 torch's CPU int4 op (tinygemm) runs at a fraction of the float GEMM rate, whatever the
 row count, so at prefill and big decode batches int4 would be slower than bfloat16. This
@@ -22,12 +22,22 @@ import torch.nn.functional as F
 
 from engine.device import cpu_matmul_upcasts
 from engine.kernels import row_passes
+from engine.quant import int8_activations
 from engine.scratch import scratch
 
 # Weights per tile (1 MiB of bfloat16): with the tile's codes and the activations this
 # stays in a core's L2 on current server CPUs.
 _TILE_ELEMENTS = 1 << 19
+# int8 tiles are larger (4 MiB, in the last-level cache): torch's int8 GEMM costs about
+# 0.1 ms a call over its arithmetic, so narrow tiles would pay that many times a layer.
+_INT8_TILE_ELEMENTS = 1 << 20
 _TILE_ROW_MULTIPLE = 16  # output features per tile: whole GEMM register blocks
+_SCALE_ROWS = 4096  # output features per step of the load-time channel scales
+
+
+def _tile_rows(elements: int, in_features: int) -> int:
+    rows = elements // in_features // _TILE_ROW_MULTIPLE * _TILE_ROW_MULTIPLE
+    return max(_TILE_ROW_MULTIPLE, rows)
 
 
 class Int4Tiles:
@@ -41,19 +51,47 @@ class Int4Tiles:
         n, k = qc.shape
         self.in_features = k
         self.group_size = group_size
+        self.tile_rows = _tile_rows(_INT8_TILE_ELEMENTS, k)
+        tile_widths = {min(self.tile_rows, n), n % self.tile_rows or self.tile_rows}
+        self.int8 = (dtype == torch.bfloat16 and device.type == "cpu"
+                     and all(int8_activations.applies(k, width) for width in tile_widths))
+        if self.int8:
+            self.name = "int4_tiles_w8a8"
+        else:
+            self.tile_rows = _tile_rows(_TILE_ELEMENTS, k)
         # Where this dtype's GEMM is emulated (no bf16/fp16 instructions), tiles and
         # products are float32 over the same values (engine.layers.linear does the same).
-        self.compute_dtype = torch.float32 if cpu_matmul_upcasts(dtype) else dtype
+        # int8 tiles start from the bfloat16 scales and offsets tinygemm holds.
+        self.compute_dtype = (torch.bfloat16 if self.int8
+                              else torch.float32 if cpu_matmul_upcasts(dtype) else dtype)
         groups = qc.view(n, k // group_size, 2, group_size // 2)
         self.packed = ((groups[:, :, 0] & 15) | (groups[:, :, 1] << 4)).to(device)
         # [N, n_groups, 1]: broadcast over each group's inputs in a tile.
         self.scales = scales.t().to(device, self.compute_dtype).contiguous()[..., None]
+        if self.int8:
+            # Offsets go into the int8 codes, per output feature: [N, n_groups, 1].
+            self.offsets = None
+            self.row_offsets = (None if offsets is None else
+                                offsets.t().to(device, self.compute_dtype).contiguous()[..., None])
+            self.channel_scales = self._channel_scales(qc)
+            self.inverse_channel_scales = self.channel_scales.reciprocal()
+            return
         # Offsets stay out of the tiles: x @ offsets-part = (x summed per group) @ offsets,
         # a [rows, n_groups] x [n_groups, N] product, cheaper than a pass over each tile.
         # Kept in the compute dtype, as tinygemm keeps its zeros: the same bytes.
         self.offsets = None if offsets is None else offsets.to(device, self.compute_dtype)
-        rows = _TILE_ELEMENTS // k // _TILE_ROW_MULTIPLE * _TILE_ROW_MULTIPLE
-        self.tile_rows = max(_TILE_ROW_MULTIPLE, rows)
+
+    def _channel_scales(self, qc: torch.Tensor) -> torch.Tensor:
+        """max |W[o]| / 127 per output feature of the weight the tiles compute, float32."""
+        maxima = []
+        for start in range(0, len(qc), _SCALE_ROWS):  # bounded float32 scratch
+            stop = start + _SCALE_ROWS
+            weight = qc[start:stop].float().view(len(qc[start:stop]), -1, self.group_size)
+            weight.mul_(self.scales[start:stop].float())
+            if self.row_offsets is not None:
+                weight.add_(self.row_offsets[start:stop].float())
+            maxima.append(weight.abs().amax((1, 2)))
+        return (torch.cat(maxima) / 127).clamp_min_(torch.finfo(torch.float32).tiny)
 
     def _dequantize(self, start: int, stop: int) -> torch.Tensor:
         """W[start:stop] in the compute dtype, in the shared scratch buffer."""
@@ -63,6 +101,8 @@ class Int4Tiles:
         return row_passes.dequantize_int4(packed, self.scales[start:stop], self.group_size, tile)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.int8:
+            return self._int8_product(x)
         xc = x.to(self.compute_dtype)
         n = len(self.packed)
         if self.tile_rows >= n:
@@ -77,6 +117,26 @@ class Int4Tiles:
             y = (group_sums @ self.offsets.float()).add_(y)
         return y.to(x.dtype)
 
+    def _int8_product(self, x: torch.Tensor) -> torch.Tensor:
+        """x @ W.T with W requantized to int8 a tile at a time and x quantized per row."""
+        xq, x_scale = row_passes.quantize_rows(x.to(torch.bfloat16).contiguous())
+        n = len(self.packed)
+        y = torch.empty(x.shape[0], n, dtype=x.dtype, device=x.device)
+        for start in range(0, n, self.tile_rows):
+            stop = min(start + self.tile_rows, n)
+            tile = scratch.get((stop - start) * self.in_features, torch.int8)
+            tile = row_passes.requantize_int4(
+                self.packed[start:stop], self.scales[start:stop],
+                None if self.row_offsets is None else self.row_offsets[start:stop],
+                self.group_size, self.inverse_channel_scales[start:stop],
+                tile.view(stop - start, self.in_features))
+            row_passes.scale_int32(row_passes.int_mm(xq, tile.t()), x_scale,
+                                   self.channel_scales[start:stop], x.dtype,
+                                   out=y[:, start:stop])
+        return y
+
     def nbytes(self) -> int:
         tensors = (self.packed, self.scales, self.offsets)
+        if self.int8:
+            tensors += (self.row_offsets, self.channel_scales, self.inverse_channel_scales)
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)

@@ -31,7 +31,7 @@ from collections.abc import Hashable
 import torch
 
 from engine.device import cpu_has_int8_dot
-from engine.quant.crossover import Kernel, switch_rows
+from engine.quant.crossover import Kernel, setting, switch_rows
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +64,17 @@ def int_mm_works(in_features: int, out_features: int) -> bool:
                         in_features, out_features)
             return False
     return True
+
+
+def applies(in_features: int, out_features: int) -> bool:
+    """Whether int8 x int8 products run for this CPU shape at all, as
+    BATCHINFER_INT8_ACTIVATIONS and this machine decide (used where no measurement picks
+    the row count: the int4 tiles of engine/quant/int4_tiles.py, themselves measured
+    against the packed kernel)."""
+    value = setting(ENV_VAR)
+    if value == "off" or (value == "auto" and not cpu_has_int8_dot()):
+        return False
+    return int_mm_works(in_features, out_features)
 
 
 def first_rows(key: Hashable, weight_only: Kernel, w8a8: Kernel, in_features: int,

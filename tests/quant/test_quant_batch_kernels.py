@@ -269,3 +269,34 @@ def test_bad_switch_setting_rejected(monkeypatch):
     monkeypatch.setenv(INT8, "sometimes")
     with pytest.raises(ValueError, match="BATCHINFER_INT8_ACTIVATIONS='sometimes'"):
         QuantLinear.from_float(torch.randn(N, K), None, 8, -1, torch.bfloat16, "cpu")
+
+
+@pytest.mark.parametrize(("k", "n", "group_size", "sym", "act_order"), INT4_SHAPES)
+@pytest.mark.parametrize("rows", [1, 7, 33])
+def test_int4_tiles_in_int8_within_requantization_bound(monkeypatch, centered, k, n,
+                                                        group_size, sym, act_order, rows):
+    """With int8 activations the tiles compute the bfloat16 int4 layer (bfloat16 scales
+    and offsets, as tinygemm) up to two roundings: each activation by at most its row's
+    absmax / 254, each weight by half its row's int8 step max |W[o]| / 127 (ragged tiles
+    of 16 rows)."""
+    monkeypatch.setattr("engine.quant.int4_tiles._TILE_ELEMENTS", 16 * k)
+    monkeypatch.setenv(INT8, "on")
+    fake = make_gptq(k, n, 4, group_size, act_order=act_order, sym=sym)
+    w, layer = centered(fake)
+    tiles = Int4Tiles(w.qc, w.scales, w.offsets, w.group_size, torch.bfloat16,
+                      torch.device("cpu"))
+    assert tiles.name == "int4_tiles_w8a8"
+    weight = w.qc.double().view(n, -1, w.group_size) * tiles.scales.double()
+    if tiles.row_offsets is not None:
+        weight += tiles.row_offsets.double()
+    weight = weight.view(n, k)
+    x = _x(rows, k)
+    x_in_group_order = x if layer.perm is None else x.index_select(1, layer.perm)
+    bound, exact = _int8_bound(x_in_group_order, weight)
+    weight_step = weight.abs().amax(1) / 127
+    bound += (x_in_group_order.double().abs() * (1 + 1 / 254)).sum(1, keepdim=True) * weight_step / 2
+    got = tiles(x_in_group_order).double()
+    assert torch.all((got - exact).abs() <= bound)
+    # and far tighter than the bound in practice: the layer is the int4 layer
+    assert float((got - exact).abs().max() / exact.abs().max()) < 2e-2
+    assert rows == 1 or torch.all(got[-1] == 0)
