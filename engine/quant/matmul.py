@@ -27,9 +27,10 @@ widths). A kernel then packs that form for its op; none keeps a dequantized floa
   (engine/quant/int8_activations.py); the name says which: int8_weight_only,
   int8_weight_only+w8a8 (switching) or int8_w8a8.
 - int4 on CPU, for many rows: tiles of the weight dequantized into a reused buffer and
-  a float GEMM (engine/quant/int4_tiles.py), from a row count measured per shape; below
-  it tinygemm (int4_tinygemm+tiles). Where one wins at every row count measured, it
-  alone is built (int4_tinygemm or int4_tiles).
+  a float GEMM, or on CPUs with int8 dot-product instructions requantized to int8 and
+  multiplied int8 x int8 (engine/quant/int4_tiles.py), from a row count measured per
+  shape; below it tinygemm (int4_tinygemm+tiles, int4_tinygemm+tiles_w8a8). Where one
+  wins at every row count measured, it alone is built (int4_tinygemm, int4_tiles...).
 - anything else (float32/float16 activations, odd shapes or group sizes, int8 on CUDA,
   ops missing): dequantize a slice of input features at a time inside the matmul
   (`_DequantChunked`). `pick_kernel` says why each case goes where it goes.

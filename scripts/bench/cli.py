@@ -104,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="KV cache size for engine and hf-cb (default: auto on CUDA; on CPU the "
                         "workload's whole KV, at most 4 GiB)")
     p.add_argument("--no-prefix-caching", action="store_true")
+    p.add_argument("--block-size", type=int, default=16,
+                   help="engine KV block size in tokens (default 16)")
     p.add_argument("--quant", type=parse_quant_list, default=[],
                    help="also run the engine at each of these precisions, e.g. "
                         "float32,bfloat16,int8,int4,int4-g64,int8-g128")

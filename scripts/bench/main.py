@@ -122,6 +122,7 @@ def engine_settings(args: argparse.Namespace, model_dir: Path, device: str, dtyp
         max_num_batched_tokens=args.max_num_batched_tokens,
         kv_cache_memory="auto" if kv_bytes is None else kv_bytes,
         enable_prefix_caching=not args.no_prefix_caching, seed=args.seed,
+        block_size=args.block_size,
     )
 
 

@@ -52,6 +52,7 @@ def build_report(args: argparse.Namespace, settings: EngineConfig, model: ModelC
             "naive_batch": args.naive_batch, "max_num_seqs": settings.max_num_seqs,
             "max_num_batched_tokens": settings.max_num_batched_tokens,
             "kv_cache_bytes": kv_budget(settings), "prefix_caching": settings.enable_prefix_caching,
+            "block_size": settings.block_size,
             "systems": args.systems, "quant": args.quant, "quick": args.quick,
             "structured": args.structured, "logprobs": args.logprobs, "repeats": args.repeats,
         },

@@ -246,6 +246,13 @@ def test_greedy_engine_runs_with_int4_tiles(monkeypatch, make_model):
     assert kernels == {"int4_tiles"}
 
 
+def test_greedy_engine_runs_with_int4_tiles_in_int8(monkeypatch, make_model):
+    monkeypatch.setenv(INT8, "on")
+    llm = _near_the_old_kernels(monkeypatch, make_model, INT4_TILES_ENV_VAR, "int4")
+    kernels = {m.kernel_name for m in llm.model.modules() if isinstance(m, QuantLinear)}
+    assert kernels == {"int4_tiles_w8a8"}
+
+
 # --- the switch rule ----------------------------------------------------------------------
 
 
@@ -279,13 +286,13 @@ def test_int4_tiles_in_int8_within_requantization_bound(monkeypatch, centered, k
     and offsets, as tinygemm) up to two roundings: each activation by at most its row's
     absmax / 254, each weight by half its row's int8 step max |W[o]| / 127 (ragged tiles
     of 16 rows)."""
-    monkeypatch.setattr("engine.quant.int4_tiles._TILE_ELEMENTS", 16 * k)
+    monkeypatch.setattr("engine.quant.int4_tiles._INT8_TILE_ELEMENTS", 16 * k)
     monkeypatch.setenv(INT8, "on")
     fake = make_gptq(k, n, 4, group_size, act_order=act_order, sym=sym)
     w, layer = centered(fake)
     tiles = Int4Tiles(w.qc, w.scales, w.offsets, w.group_size, torch.bfloat16,
                       torch.device("cpu"))
-    assert tiles.name == "int4_tiles_w8a8"
+    assert (tiles.name, tiles.tile_rows) == ("int4_tiles_w8a8", 16)
     weight = w.qc.double().view(n, -1, w.group_size) * tiles.scales.double()
     if tiles.row_offsets is not None:
         weight += tiles.row_offsets.double()
