@@ -32,7 +32,8 @@ def _compile(compiler: str, source: Path) -> Path:
     version = subprocess.run(
         [compiler, "--version"], capture_output=True, text=True, check=True
     ).stdout
-    parts = [source.read_text(), version, " ".join(FLAGS), " ".join(sorted(cpu_flags()))]
+    headers = [h.read_text() for h in sorted(source.parent.glob("*.h"))]  # its includes
+    parts = [source.read_text(), *headers, version, " ".join(FLAGS), " ".join(sorted(cpu_flags()))]
     key = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
     target = user_cache_dir("BATCHINFER_KERNEL_CACHE", "kernels") / f"{source.stem}-{key}.so"
     if target.is_file():

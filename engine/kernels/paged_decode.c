@@ -20,6 +20,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "cpu_math.h"
+
 enum { DTYPE_F32 = 0, DTYPE_BF16 = 1, DTYPE_F16 = 2 };
 enum { MAX_HEAD_DIM = 256, MAX_GROUP = 16, MAX_BLOCK_SIZE = 128, MAX_THREADS = 64 };
 /* Query heads one item holds state for (a multiple of MAX_GROUP). */
@@ -47,18 +49,6 @@ int batchinfer_kernel_limits(int64_t *head_dim, int64_t *group, int64_t *block_s
 #endif
 }
 
-static inline float bf16_to_f32(uint16_t h) {
-    union { uint32_t bits; float value; } both = {.bits = (uint32_t)h << 16};
-    return both.value;
-}
-
-static inline uint16_t f32_to_bf16(float f) {
-    uint32_t bits;
-    memcpy(&bits, &f, sizeof bits);
-    bits += 0x7FFF + ((bits >> 16) & 1); /* round to nearest even */
-    return (uint16_t)(bits >> 16);
-}
-
 /* Element i of a pool or query tensor as float32. dtype is a constant at every call site
  * (see attend_item), so the branches fold away and the loops below vectorize. */
 static inline __attribute__((always_inline)) float load_f32(const void *src, int64_t i,
@@ -77,25 +67,6 @@ static inline __attribute__((always_inline)) void store_f32(void *dst, int64_t i
     else if (dtype == DTYPE_F16) ((_Float16 *)dst)[i] = (_Float16)value;
 #endif
     else ((float *)dst)[i] = value;
-}
-
-/* exp(x) for x <= 0 in plain arithmetic, so that a loop of it vectorizes (libm's expf
- * does not without -ffast-math): x = n*ln2 + r with |r| <= ln2/2, exp(r) by its degree-7
- * Taylor-like minimax polynomial (relative error ~2e-7), 2^n put in the exponent bits.
- * Below -87, exp underflows float32 anyway; clamping there keeps 2^n a normal number. */
-static inline float exp_nonpositive(float x) {
-    x = x < -87.0f ? -87.0f : x;
-    const float n = floorf(x * 1.44269504f + 0.5f);
-    const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
-    float p = 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * r * r + r + 1.0f;
-    union { int32_t bits; float value; } scale = {.bits = ((int32_t)n + 127) << 23};
-    return p * scale.value;
 }
 
 /* q . pool[key : key + D]. Eight explicit lanes instead of a reduction loop: gcc
@@ -166,7 +137,7 @@ static inline __attribute__((always_inline)) void attend_item(const Job *job, in
                 float *a = acc[r];
                 denom[r] *= rescale;
                 for (int64_t d = 0; d < D; d++) a[d] *= rescale;
-                for (int64_t j = lo; j < hi; j++) scores[j] = exp_nonpositive(scores[j] - new_max);
+                for (int64_t j = lo; j < hi; j++) scores[j] = exp_clamped(scores[j] - new_max);
                 for (int64_t j = lo; j < hi; j++) {
                     const float p = scores[j];
                     const int64_t value = base + j * D;
