@@ -34,8 +34,6 @@ def silu_and_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 UPCAST_CHUNK_ELEMENTS = 1 << 21
 
 
-
-
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear, computed in float32 for CPU weights whose dtype torch only emulates there.
 

@@ -9,8 +9,8 @@ import torch
 
 class ScratchBuffers(threading.local):
     """One buffer per dtype per thread, reused by every call that needs scratch of it
-    (engine.layers.linear's upcast matmuls, int4 tiles, int8 products): a fresh tensor per call costs page
-    faults, which take longer than filling it."""
+    (engine.layers.linear's upcast matmuls, int4 tiles, int8 products): a fresh tensor
+    per call costs page faults, which take longer than filling it."""
 
     def __init__(self) -> None:
         self.tensors: dict[torch.dtype, torch.Tensor] = {}

@@ -30,10 +30,11 @@ typedef void (*RowsFn)(const Task *task, int64_t first_row, int64_t end_row);
 
 struct Task {
     RowsFn fn;
-    int64_t rows, cols, per_thread;
+    int64_t rows, cols;
     const void *a, *b, *c;
     void *out, *out2;
     int64_t group_size;
+    int64_t stride; /* elements between rows of a strided operand (see each pass) */
     int out_f32;
     float eps;
 };
@@ -106,9 +107,9 @@ static void quantize_rows(const Task *task, int64_t first_row, int64_t end_row) 
 
 /* torch: ((acc * row_scale[:, None]) * col_scale[None, :]), then .to(bfloat16) unless
  * out_f32. a: int32 [rows, cols]; b: float32 row_scale [rows]; c: float32 col_scale [cols];
- * out rows `group_size` elements apart (a column slice of a wider output). */
+ * out rows `stride` elements apart (a column slice of a wider output). */
 static void scale_int32(const Task *task, int64_t first_row, int64_t end_row) {
-    const int64_t cols = task->cols, out_stride = task->group_size;
+    const int64_t cols = task->cols, out_stride = task->stride;
     const float *col_scale = (const float *)task->c;
     for (int64_t r = first_row; r < end_row; r++) {
         const int32_t *acc = (const int32_t *)task->a + r * cols;
@@ -123,6 +124,10 @@ static void scale_int32(const Task *task, int64_t first_row, int64_t end_row) {
         }
     }
 }
+
+/* The two int4 codes of a packed byte, two's complement (arithmetic shifts of int8). */
+static inline float low_code(int8_t byte) { return (float)((int8_t)(byte << 4) >> 4); }
+static inline float high_code(int8_t byte) { return (float)(byte >> 4); }
 
 /* int4 codes to weights, one output feature per row (engine/quant/int4_tiles.py packs
  * them): per group of g inputs, byte j holds input j in its low nibble and input j + g/2
@@ -142,15 +147,15 @@ static void dequantize_int4(const Task *task, int64_t first_row, int64_t end_row
                 const float scale = ((const float *)task->b)[r * groups + group];
                 float *w = (float *)task->out + first;
                 for (int64_t j = 0; j < half; j++) {
-                    w[j] = (float)((int8_t)(bytes[j] << 4) >> 4) * scale;
-                    w[j + half] = (float)(bytes[j] >> 4) * scale;
+                    w[j] = low_code(bytes[j]) * scale;
+                    w[j + half] = high_code(bytes[j]) * scale;
                 }
             } else {
                 const float scale = bf16_to_f32(((const uint16_t *)task->b)[r * groups + group]);
                 uint16_t *w = (uint16_t *)task->out + first;
                 for (int64_t j = 0; j < half; j++) {
-                    w[j] = f32_to_bf16((float)((int8_t)(bytes[j] << 4) >> 4) * scale);
-                    w[j + half] = f32_to_bf16((float)(bytes[j] >> 4) * scale);
+                    w[j] = f32_to_bf16(low_code(bytes[j]) * scale);
+                    w[j + half] = f32_to_bf16(high_code(bytes[j]) * scale);
                 }
             }
         }
@@ -192,8 +197,8 @@ static void rms_norm(const Task *task, int64_t first_row, int64_t end_row) {
 }
 
 /* torch: F.silu(gate) * up in bfloat16, silu rounded to bf16 before the product as torch
- * rounds it. a: gate, b: up, bf16 rows `group_size` elements apart (the two halves of
- * one fused projection's rows, or two tensors); out: bf16 [rows, cols]. */
+ * rounds it. a: gate, b: up, bf16 rows `stride` elements apart (the two halves of one
+ * fused projection's rows, or two tensors); out: bf16 [rows, cols]. */
 static void silu_mul_row(const uint16_t *restrict gate, const uint16_t *restrict up,
                          uint16_t *restrict y, int64_t cols) {
     for (int64_t i = 0; i < cols; i++) {
@@ -204,7 +209,7 @@ static void silu_mul_row(const uint16_t *restrict gate, const uint16_t *restrict
 }
 
 static void silu_mul(const Task *task, int64_t first_row, int64_t end_row) {
-    const int64_t cols = task->cols, stride = task->group_size;
+    const int64_t cols = task->cols, stride = task->stride;
     for (int64_t r = first_row; r < end_row; r++)
         silu_mul_row((const uint16_t *)task->a + r * stride, (const uint16_t *)task->b + r * stride,
                      (uint16_t *)task->out + r * cols, cols);
@@ -227,8 +232,8 @@ static void requantize_int4(const Task *task, int64_t first_row, int64_t end_row
                 ? 0.0f : bf16_to_f32(((const uint16_t *)task->c)[r * groups + group]);
             int8_t *q = (int8_t *)task->out + r * cols + group * g;
             for (int64_t j = 0; j < half; j++) {
-                float low = nearbyintf(((float)((int8_t)(bytes[j] << 4) >> 4) * scale + offset) * inverse);
-                float high = nearbyintf(((float)(bytes[j] >> 4) * scale + offset) * inverse);
+                float low = nearbyintf((low_code(bytes[j]) * scale + offset) * inverse);
+                float high = nearbyintf((high_code(bytes[j]) * scale + offset) * inverse);
                 low = low > 127.0f ? 127.0f : (low < -127.0f ? -127.0f : low);
                 high = high > 127.0f ? 127.0f : (high < -127.0f ? -127.0f : high);
                 q[j] = (int8_t)low;
@@ -257,7 +262,7 @@ void batchinfer_rms_norm(void *x, const void *delta, const void *weight, int64_t
 void batchinfer_silu_mul(const void *gate, const void *up, int64_t rows, int64_t cols,
                          int64_t row_stride, void *out, int num_threads) {
     Task task = {.fn = silu_mul, .rows = rows, .cols = cols, .a = gate, .b = up, .out = out,
-                 .group_size = row_stride};
+                 .stride = row_stride};
     run_rows(&task, num_threads);
 }
 void batchinfer_quantize_rows(const void *x, int64_t rows, int64_t cols, void *q, void *scale,
@@ -270,7 +275,7 @@ void batchinfer_scale_int32(const void *acc, int64_t rows, int64_t cols, const v
                             const void *col_scale, void *out, int64_t out_stride, int out_f32,
                             int num_threads) {
     Task task = {.fn = scale_int32, .rows = rows, .cols = cols, .a = acc, .b = row_scale,
-                 .c = col_scale, .out = out, .group_size = out_stride, .out_f32 = out_f32};
+                 .c = col_scale, .out = out, .stride = out_stride, .out_f32 = out_f32};
     run_rows(&task, num_threads);
 }
 

@@ -116,12 +116,9 @@ def dequantize_int4(packed: torch.Tensor, scales: torch.Tensor, group_size: int,
             and _contiguous_cpu(scales, out.dtype))
     if library is None or not fits:
         halves = out.view(*packed.shape[:2], 2, packed.shape[2])
-        codes = scratch.get(packed.numel(), torch.int8).view(packed.shape)
         # Arithmetic shifts of int8 sign-extend each nibble back to its code.
-        torch.bitwise_left_shift(packed, 4, out=codes).bitwise_right_shift_(4)
-        halves[:, :, 0].copy_(codes)
-        torch.bitwise_right_shift(packed, 4, out=codes)
-        halves[:, :, 1].copy_(codes)
+        halves[:, :, 0].copy_(packed << 4 >> 4)
+        halves[:, :, 1].copy_(packed >> 4)
         return out.view(len(packed), -1, group_size).mul_(scales).view(out.shape)
     rows, cols = out.shape
     library.batchinfer_dequantize_int4(packed.data_ptr(), rows, cols, group_size,
@@ -184,13 +181,12 @@ def requantize_int4(packed: torch.Tensor, scales: torch.Tensor, offsets: torch.T
             and _contiguous_cpu(out, torch.int8))
     rows, cols = out.shape
     if not fits:
-        # Arithmetic shifts of int8 sign-extend each nibble (no scratch: out may be it).
-        codes = torch.cat([packed.view(rows, -1, group_size // 2) << 4 >> 4,
-                           packed.view(rows, -1, group_size // 2) >> 4], dim=-1)
-        weights = codes.float().mul_(scales.float().view(rows, -1, 1))
+        weights = dequantize_int4(packed.view(rows, -1, group_size // 2),
+                                  scales.float().view(rows, -1, 1), group_size,
+                                  torch.empty(rows, cols))
         if offsets is not None:
-            weights.add_(offsets.float().view(rows, -1, 1))
-        weights = weights.view(rows, cols).mul_(inverse_channel_scales.view(rows, 1))
+            weights.view(rows, -1, group_size).add_(offsets.float().view(rows, -1, 1))
+        weights.mul_(inverse_channel_scales.view(rows, 1))
         return out.copy_(weights.round_().clamp_(-127, 127))
     library.batchinfer_requantize_int4(
         packed.data_ptr(), rows, cols, group_size, scales.data_ptr(),

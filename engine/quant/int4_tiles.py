@@ -28,8 +28,8 @@ from engine.scratch import scratch
 # Weights per tile (1 MiB of bfloat16): with the tile's codes and the activations this
 # stays in a core's L2 on current server CPUs.
 _TILE_ELEMENTS = 1 << 19
-# int8 tiles are larger (4 MiB, in the last-level cache): torch's int8 GEMM costs about
-# 0.1 ms a call over its arithmetic, so narrow tiles would pay that many times a layer.
+# int8 tiles hold more weights (1 MiB of int8): torch's int8 GEMM costs about 0.1 ms a
+# call over its arithmetic, so narrow tiles would pay that many times a layer.
 _INT8_TILE_ELEMENTS = 1 << 20
 _TILE_ROW_MULTIPLE = 16  # output features per tile: whole GEMM register blocks
 _SCALE_ROWS = 4096  # output features per step of the load-time channel scales
@@ -51,14 +51,13 @@ class Int4Tiles:
         n, k = qc.shape
         self.in_features = k
         self.group_size = group_size
-        self.tile_rows = _tile_rows(_INT8_TILE_ELEMENTS, k)
-        tile_widths = {min(self.tile_rows, n), n % self.tile_rows or self.tile_rows}
+        int8_rows = _tile_rows(_INT8_TILE_ELEMENTS, k)
+        int8_widths = {min(int8_rows, n), n % int8_rows or int8_rows}  # full and last tile
         self.int8 = (dtype == torch.bfloat16 and device.type == "cpu"
-                     and all(int8_activations.applies(k, width) for width in tile_widths))
+                     and all(int8_activations.applies(k, width) for width in int8_widths))
         if self.int8:
             self.name = "int4_tiles_w8a8"
-        else:
-            self.tile_rows = _tile_rows(_TILE_ELEMENTS, k)
+        self.tile_rows = int8_rows if self.int8 else _tile_rows(_TILE_ELEMENTS, k)
         # Where this dtype's GEMM is emulated (no bf16/fp16 instructions), tiles and
         # products are float32 over the same values (engine.layers.linear does the same).
         # int8 tiles start from the bfloat16 scales and offsets tinygemm holds.
@@ -86,7 +85,8 @@ class Int4Tiles:
         maxima = []
         for start in range(0, len(qc), _SCALE_ROWS):  # bounded float32 scratch
             stop = start + _SCALE_ROWS
-            weight = qc[start:stop].float().view(len(qc[start:stop]), -1, self.group_size)
+            codes = qc[start:stop]
+            weight = codes.float().view(len(codes), -1, self.group_size)
             weight.mul_(self.scales[start:stop].float())
             if self.row_offsets is not None:
                 weight.add_(self.row_offsets[start:stop].float())
@@ -119,7 +119,7 @@ class Int4Tiles:
 
     def _int8_product(self, x: torch.Tensor) -> torch.Tensor:
         """x @ W.T with W requantized to int8 a tile at a time and x quantized per row."""
-        xq, x_scale = row_passes.quantize_rows(x.to(torch.bfloat16).contiguous())
+        xq, x_scale = row_passes.quantize_rows(x)  # bfloat16, contiguous (QuantLinear's)
         n = len(self.packed)
         y = torch.empty(x.shape[0], n, dtype=x.dtype, device=x.device)
         for start in range(0, n, self.tile_rows):

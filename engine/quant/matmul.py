@@ -128,7 +128,8 @@ class _Int8PerGroup:
 
     def _int8_activations(self, x: torch.Tensor) -> torch.Tensor:
         """The same sum with x quantized per row (engine/quant/int8_activations.py):
-        int8 x int8 products with int32 accumulation, rescaled in float32."""
+        int8 x int8 products with int32 accumulation, rescaled in float32 (rounded to
+        x's dtype in the same pass where no offsets are added after)."""
         xq, x_scale = row_passes.quantize_rows(x)
         if len(self.qweight) == 1:
             # Straight to x's dtype where no offsets follow (__call__'s cast is then free).
