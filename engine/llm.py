@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from transformers import AutoTokenizer
 
+from engine.allocator import keep_freed_memory
 from engine.block_manager import BlockManager
 from engine.config import load_model_config
 from engine.device import auto_kv_cache_bytes, parse_memory_size, resolve_device, resolve_dtype
@@ -313,6 +314,8 @@ class LLM:
         self.config = load_model_config(model_dir)
         self.quant_scheme = resolve_quantization(requested.quantization, model_dir)
         resolved = self._resolve(requested)
+        if resolved.device.type == "cpu":
+            keep_freed_memory()
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self._token_text = TokenTexts(self.tokenizer)  # Logprob.decoded_token
         self.model = load_model(
