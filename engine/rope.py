@@ -12,6 +12,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from engine.kernels import row_passes
+
 
 def rope_frequencies(
     head_dim: int, rope: dict[str, Any], max_position_embeddings: int
@@ -117,7 +119,12 @@ class RotaryEmbedding(nn.Module):
     def forward(
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """q: [T, heads, head_dim], k: [T, kv_heads, head_dim]; positions: [T]."""
+        """q: [T, heads, head_dim], k: [T, kv_heads, head_dim]; positions: [T]. Where the
+        CPU pass fits (bfloat16, contiguous), q and k are rotated in place."""
+        if all(row_passes.rope_fits(x, positions, self.cos) for x in (q, k)):
+            row_passes.rope_in_place(q, positions, self.cos, self.sin)
+            row_passes.rope_in_place(k, positions, self.cos, self.sin)
+            return q, k
         cos = self.cos[positions].to(q.dtype).unsqueeze(1)
         sin = self.sin[positions].to(q.dtype).unsqueeze(1)
         return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin

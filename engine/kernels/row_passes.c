@@ -1,13 +1,13 @@
 /* Row-wise passes of the CPU model, each one pass over memory: around the int8 and int4
  * matmuls (activation quantization, rescale, int4 tile dequantization) and between the
- * matmuls (RMSNorm with its residual add, SiLU-and-multiply).
+ * matmuls (RMSNorm with its residual add, SiLU-and-multiply, rotary embeddings).
  *
  * Built and loaded by engine/kernels/row_passes.py (plain C, no Python or torch headers).
  * torch spells each of these as several whole-tensor ops (a float32 temporary per op, a
  * thread barrier per op), which cost as much as the int8 GEMM they surround; here each
  * is one loop the compiler vectorizes for -march=native, rows split over threads.
  *
- * The quantized passes are bit-identical to the torch expression named in their comment:
+ * The quantized passes and the rotary embedding are bit-identical to the torch expression named in their comment:
  * the same float32 operations in the same order, IEEE division, round-half-to-even
  * (nearbyintf in the default rounding mode), bfloat16 rounded to nearest even. The norm
  * and activation compute in float32 as torch does but sum and exponentiate in their own
@@ -35,6 +35,7 @@ struct Task {
     void *out, *out2;
     int64_t group_size;
     int64_t stride; /* elements between rows of a strided operand (see each pass) */
+    int64_t rows_per_position; /* rope: heads, the rows of one token */
     int out_f32;
     float eps;
 };
@@ -215,6 +216,32 @@ static void silu_mul(const Task *task, int64_t first_row, int64_t end_row) {
                      (uint16_t *)task->out + r * cols, cols);
 }
 
+/* torch (engine/rope.py), in bfloat16 and in place: x = x * cos + rotate_half(x) * sin
+ * with cos and sin the float32 table rows of each row's position rounded to bf16, and
+ * every product and the sum rounded to bf16 as torch rounds each op. a: positions int64
+ * [rows / rows_per_position]; b, c: cos, sin float32 [max_position, cols]; out: x bf16
+ * [rows, cols], rows_per_position rows (heads) per position. */
+static void rope(const Task *task, int64_t first_row, int64_t end_row) {
+    const int64_t cols = task->cols, half = cols / 2;
+    for (int64_t r = first_row; r < end_row; r++) {
+        const int64_t position = ((const int64_t *)task->a)[r / task->rows_per_position];
+        const float *cos_row = (const float *)task->b + position * cols;
+        const float *sin_row = (const float *)task->c + position * cols;
+        uint16_t *x = (uint16_t *)task->out + r * cols;
+        for (int64_t i = 0; i < half; i++) {
+            const float low = bf16_to_f32(x[i]), high = bf16_to_f32(x[i + half]);
+            const float cos_low = bf16_to_f32(f32_to_bf16(cos_row[i]));
+            const float sin_low = bf16_to_f32(f32_to_bf16(sin_row[i]));
+            const float cos_high = bf16_to_f32(f32_to_bf16(cos_row[i + half]));
+            const float sin_high = bf16_to_f32(f32_to_bf16(sin_row[i + half]));
+            x[i] = f32_to_bf16(bf16_to_f32(f32_to_bf16(low * cos_low))
+                               + bf16_to_f32(f32_to_bf16(-high * sin_low)));
+            x[i + half] = f32_to_bf16(bf16_to_f32(f32_to_bf16(high * cos_high))
+                                      + bf16_to_f32(f32_to_bf16(low * sin_high)));
+        }
+    }
+}
+
 /* int4 codes (packed as for dequantize_int4) to int8 codes of one scale per output
  * feature: q8 = clamp(round((code * scale + offset) * inverse_channel_scale), -127, 127),
  * the int4 weight the bf16 kernels compute (bf16 scale and offset) requantized per row.
@@ -284,5 +311,13 @@ void batchinfer_dequantize_int4(const void *packed, int64_t rows, int64_t cols,
                                 int num_threads) {
     Task task = {.fn = dequantize_int4, .rows = rows, .cols = cols, .a = packed, .b = scales,
                  .out = out, .group_size = group_size, .out_f32 = out_f32};
+    run_rows(&task, num_threads);
+}
+
+void batchinfer_rope(void *x, int64_t rows, int64_t cols, int64_t rows_per_position,
+                     const int64_t *positions, const float *cos, const float *sin,
+                     int num_threads) {
+    Task task = {.fn = rope, .rows = rows, .cols = cols, .a = positions, .b = cos, .c = sin,
+                 .out = x, .rows_per_position = rows_per_position};
     run_rows(&task, num_threads);
 }

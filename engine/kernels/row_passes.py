@@ -1,11 +1,12 @@
 """The CPU model's row-wise passes as C kernels (row_passes.c, built on first use by
-engine/kernels/build.py): around the int8 and int4 matmuls, and RMSNorm and
-SiLU-and-multiply between the matmuls.
+engine/kernels/build.py): around the int8 and int4 matmuls, and RMSNorm,
+SiLU-and-multiply and the rotary embedding between the matmuls.
 
 Each function computes the torch expression in its docstring, which is what runs where
 no compiler builds the kernels (`available` is False) or the tensors do not fit them
 (not on the CPU, not bfloat16, not contiguous); the kernels do it in one pass over
-memory instead of several. The quantized passes equal torch bit for bit; the norm and
+memory instead of several. The quantized passes and the rotary embedding equal torch
+bit for bit; the norm and
 activation may differ by one bfloat16 rounding step, as their sums and exponentials run
 in another order (tests/engine/test_engine_row_passes.py checks both).
 """
@@ -41,6 +42,7 @@ def _library() -> ctypes.CDLL | None:
         "batchinfer_rms_norm": [pointer, pointer, pointer, whole, whole, ctypes.c_float, pointer,
                                 flag],
         "batchinfer_silu_mul": [pointer, pointer, whole, whole, whole, pointer, flag],
+        "batchinfer_rope": [pointer, whole, whole, whole, pointer, pointer, pointer, flag],
     }
     for name, argtypes in signatures.items():
         function = getattr(library, name)
@@ -164,6 +166,25 @@ def silu_and_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     library.batchinfer_silu_mul(gate.data_ptr(), up.data_ptr(), rows, cols, gate.stride(0),
                                 out.data_ptr(), torch.get_num_threads())
     return out
+
+
+def rope_fits(x: torch.Tensor, positions: torch.Tensor, table: torch.Tensor) -> bool:
+    """Whether rope_in_place runs x [T, heads, head_dim] at positions [T] with a cos/sin
+    table like `table`."""
+    return (_library() is not None and _contiguous_cpu(x, torch.bfloat16) and x.dim() == 3
+            and _contiguous_cpu(positions, torch.int64) and _contiguous_cpu(table, torch.float32)
+            and table.shape[-1] == x.shape[-1])
+
+
+def rope_in_place(x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor,
+                  sin: torch.Tensor) -> None:
+    """x [T, heads, head_dim] = x * cos + rotate_half(x) * sin in place, as engine/rope.py
+    computes it in bfloat16 (cos, sin: its float32 tables, rows taken at positions [T]);
+    only where rope_fits."""
+    tokens, heads, head_dim = x.shape
+    _library().batchinfer_rope(x.data_ptr(), tokens * heads, head_dim, heads,
+                               positions.data_ptr(), cos.data_ptr(), sin.data_ptr(),
+                               torch.get_num_threads())
 
 
 def requantize_int4(packed: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None,
