@@ -7,8 +7,9 @@
  * thread barrier per op), which cost as much as the int8 GEMM they surround; here each
  * is one loop the compiler vectorizes for -march=native, rows split over threads.
  *
- * The quantized passes and the rotary embedding are bit-identical to the torch expression named in their comment:
- * the same float32 operations in the same order, IEEE division, round-half-to-even
+ * The quantized passes and the rotary embedding are bit-identical to the torch
+ * expression named in their comment: the same float32 operations in the same order,
+ * IEEE division, round-half-to-even
  * (nearbyintf in the default rounding mode), bfloat16 rounded to nearest even. The norm
  * and activation compute in float32 as torch does but sum and exponentiate in their own
  * order, so a bfloat16 result can differ from torch's by one rounding step.

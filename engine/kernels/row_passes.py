@@ -6,9 +6,9 @@ Each function computes the torch expression in its docstring, which is what runs
 no compiler builds the kernels (`available` is False) or the tensors do not fit them
 (not on the CPU, not bfloat16, not contiguous); the kernels do it in one pass over
 memory instead of several. The quantized passes and the rotary embedding equal torch
-bit for bit; the norm and
-activation may differ by one bfloat16 rounding step, as their sums and exponentials run
-in another order (tests/engine/test_engine_row_passes.py checks both).
+bit for bit; the norm and activation may differ by one bfloat16 rounding step, as their
+sums and exponentials run in another order (tests/engine/test_engine_row_passes.py and
+test_engine_rope.py check them).
 """
 
 from __future__ import annotations
